@@ -1,0 +1,261 @@
+//! The bounded outbound queue of one connection (DESIGN.md §3 rule 5).
+//!
+//! Producers (the hub's fan-out, the connection's own replies, the sweeper's pings) push shared,
+//! already-encoded frames; the connection's writer takes everything queued at once and flushes it in
+//! one write. The queue holds at most `capacity` frames and `max_bytes` bytes, and no frame may wait
+//! longer than `expiry`: a connection that breaks any of these is a slow consumer and is closed with
+//! 4008, after which it recovers from history. Nothing is dropped silently.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use switchyard_proto::CloseCode;
+use tokio::sync::Notify;
+use tungstenite::Utf8Bytes;
+
+/// Limits of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Most frames waiting (the seed's channel-layer `capacity`, 1500).
+    pub capacity: usize,
+    /// Most bytes waiting.
+    pub max_bytes: usize,
+    /// Longest time a frame may wait, in ms (the seed's `expiry`, 10 s).
+    pub expiry_ms: u64,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits { capacity: 1500, max_bytes: 8 * 1024 * 1024, expiry_ms: 10_000 }
+    }
+}
+
+/// One frame to send.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Text(Utf8Bytes),
+    /// A WebSocket-level keepalive ping.
+    Ping,
+}
+
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Text(t) => t.len(),
+            Outbound::Ping => 0,
+        }
+    }
+}
+
+/// Why and how a connection is to be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: CloseCode,
+    pub reason: String,
+}
+
+impl CloseReason {
+    pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        CloseReason { code, reason: reason.into() }
+    }
+}
+
+/// The push failed: the queue overflowed (the connection is now closing with 4008) or was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    SlowConsumer,
+    Closed,
+}
+
+#[derive(Default)]
+struct Inner {
+    items: VecDeque<(Outbound, u64)>,
+    bytes: usize,
+    close: Option<CloseReason>,
+}
+
+/// What the writer takes from the queue.
+pub struct Batch {
+    pub frames: VecDeque<(Outbound, u64)>,
+    /// Set once the connection must close; the frames are to be sent first only if `code` is not
+    /// a slow-consumer close (whose frames were already discarded).
+    pub close: Option<CloseReason>,
+}
+
+pub struct OutboundQueue {
+    inner: Mutex<Inner>,
+    ready: Notify,
+    limits: QueueLimits,
+}
+
+impl OutboundQueue {
+    pub fn new(limits: QueueLimits) -> Self {
+        OutboundQueue { inner: Mutex::new(Inner::default()), ready: Notify::new(), limits }
+    }
+
+    /// Queues one frame, stamped with the coarse time `now_ms`.
+    pub fn push(&self, frame: Outbound, now_ms: u64) -> Result<(), PushError> {
+        let mut inner = self.inner.lock();
+        if inner.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        let len = frame.len();
+        let too_old = inner.items.front().is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
+        if inner.items.len() >= self.limits.capacity || inner.bytes + len > self.limits.max_bytes || too_old {
+            let reason = if too_old {
+                format!("slow consumer: a queued message waited over {} ms", self.limits.expiry_ms)
+            } else {
+                format!(
+                    "slow consumer: outbound queue full ({} messages / {} bytes)",
+                    self.limits.capacity, self.limits.max_bytes
+                )
+            };
+            inner.items = VecDeque::new();
+            inner.bytes = 0;
+            inner.close = Some(CloseReason::new(CloseCode::SlowConsumer, reason));
+            drop(inner);
+            self.ready.notify_one();
+            return Err(PushError::SlowConsumer);
+        }
+        let was_empty = inner.items.is_empty();
+        inner.items.push_back((frame, now_ms));
+        inner.bytes += len;
+        drop(inner);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Asks the writer to close the connection (after sending what is queued, unless the queue
+    /// overflowed). The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut inner = self.inner.lock();
+        if inner.close.is_none() {
+            inner.close = Some(reason);
+        }
+        drop(inner);
+        self.ready.notify_one();
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.inner.lock().close.is_some()
+    }
+
+    /// Closes with 4008 when the oldest queued frame is past the expiry. Called by the sweeper, so
+    /// that a writer stuck on a dead socket is found even when nothing new is published.
+    pub fn check_expiry(&self, now_ms: u64) -> bool {
+        let mut inner = self.inner.lock();
+        let expired = inner.close.is_none()
+            && inner.items.front().is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
+        if expired {
+            inner.items = VecDeque::new();
+            inner.bytes = 0;
+            inner.close = Some(CloseReason::new(
+                CloseCode::SlowConsumer,
+                format!("slow consumer: a queued message waited over {} ms", self.limits.expiry_ms),
+            ));
+            drop(inner);
+            self.ready.notify_one();
+        }
+        expired
+    }
+
+    /// Waits until there is something to write or a close was requested.
+    pub async fn ready(&self) {
+        loop {
+            {
+                let inner = self.inner.lock();
+                if !inner.items.is_empty() || inner.close.is_some() {
+                    return;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Takes everything queued (and the close request, if any).
+    pub fn take(&self) -> Batch {
+        let mut inner = self.inner.lock();
+        inner.bytes = 0;
+        Batch { frames: std::mem::take(&mut inner.items), close: inner.close.clone() }
+    }
+
+    /// Frames waiting now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Outbound {
+        Outbound::Text(Utf8Bytes::from(s.to_string()))
+    }
+
+    #[test]
+    fn overflow_by_count_closes_with_4008() {
+        let q = OutboundQueue::new(QueueLimits { capacity: 2, max_bytes: 1000, expiry_ms: 10_000 });
+        q.push(text("a"), 0).unwrap();
+        q.push(text("b"), 0).unwrap();
+        assert_eq!(q.push(text("c"), 0), Err(PushError::SlowConsumer));
+        let batch = q.take();
+        assert!(batch.frames.is_empty(), "an overflowing queue is discarded, not half-sent");
+        assert_eq!(batch.close.unwrap().code, CloseCode::SlowConsumer);
+        assert_eq!(q.push(text("d"), 0), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn overflow_by_bytes_and_by_age() {
+        let q = OutboundQueue::new(QueueLimits { capacity: 100, max_bytes: 5, expiry_ms: 10_000 });
+        q.push(text("abc"), 0).unwrap();
+        assert_eq!(q.push(text("abc"), 0), Err(PushError::SlowConsumer));
+
+        let q = OutboundQueue::new(QueueLimits { capacity: 100, max_bytes: 100, expiry_ms: 10 });
+        q.push(text("a"), 0).unwrap();
+        q.push(text("b"), 10).unwrap();
+        assert_eq!(q.push(text("c"), 11), Err(PushError::SlowConsumer));
+    }
+
+    #[test]
+    fn sweeper_expiry_and_draining_take() {
+        let q = OutboundQueue::new(QueueLimits { capacity: 100, max_bytes: 100, expiry_ms: 10 });
+        q.push(text("a"), 0).unwrap();
+        assert!(!q.check_expiry(10));
+        let batch = q.take();
+        assert_eq!(batch.frames.len(), 1);
+        assert!(batch.close.is_none());
+        q.push(text("b"), 20).unwrap();
+        assert!(q.check_expiry(31));
+        assert_eq!(q.take().close.unwrap().code, CloseCode::SlowConsumer);
+    }
+
+    #[test]
+    fn close_keeps_queued_frames_and_first_reason() {
+        let q = OutboundQueue::new(QueueLimits::default());
+        q.push(text("bye"), 0).unwrap();
+        q.close(CloseReason::new(CloseCode::ServiceRestart, "drain"));
+        q.close(CloseReason::new(CloseCode::Normal, "later"));
+        let batch = q.take();
+        assert_eq!(batch.frames.len(), 1);
+        assert_eq!(batch.close.unwrap().code, CloseCode::ServiceRestart);
+    }
+
+    #[tokio::test]
+    async fn ready_wakes_on_push() {
+        let q = std::sync::Arc::new(OutboundQueue::new(QueueLimits::default()));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.ready().await }
+        });
+        q.push(text("x"), 0).unwrap();
+        waiter.await.unwrap();
+    }
+}
