@@ -22,7 +22,7 @@ use crate::backend::{
     Recovery, STATUS_DISCONNECTED, Session, SystemMessage,
 };
 use crate::clock::{Clock, unix_ms};
-use crate::conn::{ConnKind, Connection};
+use crate::conn::{ConnId, ConnKind, Connection};
 use crate::frames;
 use crate::hub::Hub;
 use crate::metrics::{FailReason, Metrics};
@@ -138,6 +138,12 @@ impl Node {
         })
     }
 
+    /// Turns `/readyz` to 503 and refuses new connections; [`Node::drain`] does the rest.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.draining.set(1);
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
@@ -165,9 +171,9 @@ impl Node {
         }
     }
 
-    fn new_connection(&self, session: &Session, user: UserId, kind: ConnKind) -> Arc<Connection> {
+    fn new_connection(&self, id: ConnId, session: &Session, user: UserId, kind: ConnKind) -> Arc<Connection> {
         let conn = Connection::new(
-            self.hub.next_conn_id(),
+            id,
             user,
             Arc::from(session.id.as_str()),
             kind,
@@ -181,8 +187,9 @@ impl Node {
     }
 
     /// Opens an authenticated `/ws` connection: queues `welcome` and the user's inbox.
-    pub async fn open(&self, session: &Session, user: UserId) -> Arc<Connection> {
-        let conn = self.new_connection(session, user, ConnKind::Native);
+    /// `id` comes from [`Hub::next_conn_id`], taken when the transport accepted the connection.
+    pub async fn open(&self, id: ConnId, session: &Session, user: UserId) -> Arc<Connection> {
+        let conn = self.new_connection(id, session, user, ConnKind::Native);
         let inbox = match self.backends.broker.inbox(&conn.user).await {
             Ok(inbox) => inbox,
             Err(e) => {
@@ -204,12 +211,13 @@ impl Node {
     /// Opens a seed-protocol connection in room `chat_{room_name}`: queues the seed's welcome.
     pub async fn open_seed(
         &self,
+        id: ConnId,
         session: &Session,
         user: UserId,
         room_name: &str,
     ) -> Result<(Arc<Connection>, RoomName), RequestError> {
         let room = seed_room(room_name)?;
-        let conn = self.new_connection(session, user, ConnKind::Seed);
+        let conn = self.new_connection(id, session, user, ConnKind::Seed);
         let welcome = Utf8Bytes::from(
             SeedFrame::Welcome {
                 session_id: session.id.clone(),
@@ -320,13 +328,16 @@ impl Node {
         self.metrics.message_latency.observe(started.elapsed().as_secs_f64());
     }
 
+    /// Queues an error frame in the seed's format.
+    pub fn send_seed_error(&self, conn: &Connection, code: ErrorCode, message: impl Into<String>) {
+        self.hub.send(conn, Utf8Bytes::from(SeedFrame::Error { code, message: Some(message.into()) }.encode()));
+    }
+
     /// Handles one text frame of the seed protocol: `{"message": ...}` is published to the room.
     pub async fn handle_seed(&self, conn: &Arc<Connection>, room: &RoomName, text: &str) {
         let started = Instant::now();
         self.metrics.message("chat");
-        let seed_error = |code: ErrorCode, message: String| {
-            self.hub.send(conn, Utf8Bytes::from(SeedFrame::Error { code, message: Some(message) }.encode()));
-        };
+        let seed_error = |code: ErrorCode, message: String| self.send_seed_error(conn, code, message);
         // The seed's consumer: json.loads failure → INVALID_MESSAGE_FORMAT; any other failure while
         // processing (not an object, no `message` key) → INTERNAL_ERROR with the exception text.
         match serde_json::from_str::<serde_json::Value>(text) {
@@ -530,10 +541,7 @@ impl Node {
     /// connections in paced, jittered batches to reconnect (`reconnect` frame, close 1012), and
     /// returns when all are gone or the drain timeout has passed. Returns the connections left.
     pub async fn drain(&self) -> usize {
-        if self.draining.swap(true, Ordering::SeqCst) {
-            tracing::info!("drain already in progress");
-        }
-        self.metrics.draining.set(1);
+        self.mark_draining();
         let settings = self.settings.drain;
         let deadline = tokio::time::Instant::now() + settings.timeout;
         tracing::info!(connections = self.hub.connection_count(), timeout_s = settings.timeout.as_secs_f64(), "draining");

@@ -53,6 +53,8 @@ pub enum CloseCode {
     Normal,
     /// 1001: going away (idle timeout, server shutting down without drain).
     GoingAway,
+    /// 1002: WebSocket protocol error.
+    ProtocolError,
     /// 1007: a text frame was not valid UTF-8.
     InvalidPayload,
     /// 1008: policy violation (e.g. authentication not completed in time).
@@ -83,6 +85,7 @@ impl CloseCode {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
             CloseCode::InvalidPayload => 1007,
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
@@ -107,6 +110,7 @@ impl CloseCode {
                 | CloseCode::Policy
                 | CloseCode::TooBig
                 | CloseCode::InvalidPayload
+                | CloseCode::ProtocolError
         )
     }
 }

@@ -1,0 +1,331 @@
+//! Configuration: built-in defaults, then a TOML file (`--config`), then `SWITCHYARD_*` environment
+//! variables, then command-line flags. Every key is flat and has the same name in all three
+//! (`queue_capacity` ↔ `SWITCHYARD_QUEUE_CAPACITY`). Unknown keys and invalid values stop the start
+//! with a message that names the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use switchyard_core::backend::BackendSettings;
+use switchyard_core::node::{DrainSettings, NodeSettings};
+use switchyard_core::queue::QueueLimits;
+
+/// Which backend carries messages and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Embedded, one node, nothing persisted.
+    Memory,
+    /// Redis (standalone or Cluster), many nodes.
+    Redis,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Memory => "memory",
+            BackendKind::Redis => "redis",
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when standard error is not a terminal, readable text when it is.
+    Auto,
+    Json,
+    Text,
+}
+
+/// Every setting of `switchyard serve`. Durations are in the unit their name ends with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on. Port 0 picks a free port (printed at start).
+    pub listen: SocketAddr,
+    /// Bearer key required by the HTTP API (`Authorization: Bearer <key>`). Without it the server
+    /// only binds to loopback.
+    pub api_key: Option<String>,
+    /// This node's name (in `welcome` frames and logs). Default: `switchyard-<port>`.
+    pub node_id: Option<String>,
+    pub backend: BackendKind,
+    /// Redis URL (`redis://` or `rediss://`) for `backend = "redis"`.
+    pub redis_url: Option<String>,
+    pub log_format: LogFormat,
+
+    pub session_ttl_secs: u64,
+    pub history_size: usize,
+    pub history_ttl_secs: u64,
+    pub dedup_window_secs: u64,
+    pub inbox_ttl_secs: u64,
+    pub inbox_max: usize,
+
+    /// Per-connection queue: most messages waiting (the seed's channel-layer `capacity`).
+    pub queue_capacity: usize,
+    /// Per-connection queue: most bytes waiting.
+    pub queue_max_bytes: usize,
+    /// Per-connection queue: longest wait of a message (the seed's `expiry`).
+    pub queue_expiry_secs: u64,
+
+    /// Largest WebSocket message accepted from a client; larger ones close with 1009.
+    pub max_message_bytes: usize,
+    pub max_rooms_per_connection: usize,
+    pub max_history_limit: usize,
+    /// WebSocket read buffer per connection (tungstenite's default of 128 KiB is far too much).
+    pub ws_read_buffer_bytes: usize,
+    /// Bytes buffered before a write reaches the socket (writes are flushed once per burst anyway).
+    pub ws_write_buffer_bytes: usize,
+
+    pub ping_interval_secs: u64,
+    pub idle_timeout_secs: u64,
+    /// Time allowed for the first `auth` frame when no `?session=` was given.
+    pub auth_timeout_secs: u64,
+    /// Time allowed to receive a request's headers (including the WebSocket handshake).
+    pub handshake_timeout_secs: u64,
+    /// A single write burst to a client that takes longer than this closes it as a slow consumer.
+    pub write_timeout_secs: u64,
+
+    pub drain_timeout_secs: u64,
+    pub drain_batch_size: usize,
+    pub drain_batch_interval_ms: u64,
+    pub reconnect_jitter_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let backend = BackendSettings::default();
+        let node = NodeSettings::default();
+        let queue = QueueLimits::default();
+        let drain = DrainSettings::default();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            api_key: None,
+            node_id: None,
+            backend: BackendKind::Memory,
+            redis_url: None,
+            log_format: LogFormat::Auto,
+            session_ttl_secs: backend.session_ttl_secs,
+            history_size: backend.history_size,
+            history_ttl_secs: backend.history_ttl_secs,
+            dedup_window_secs: backend.dedup_window_secs,
+            inbox_ttl_secs: backend.inbox_ttl_secs,
+            inbox_max: backend.inbox_max,
+            queue_capacity: queue.capacity,
+            queue_max_bytes: queue.max_bytes,
+            queue_expiry_secs: queue.expiry_ms / 1000,
+            max_message_bytes: 64 * 1024,
+            max_rooms_per_connection: node.max_rooms_per_connection,
+            max_history_limit: node.max_history_limit,
+            ws_read_buffer_bytes: 1024,
+            ws_write_buffer_bytes: 16 * 1024,
+            ping_interval_secs: node.ping_interval_ms / 1000,
+            idle_timeout_secs: node.idle_timeout_ms / 1000,
+            auth_timeout_secs: 10,
+            handshake_timeout_secs: 10,
+            write_timeout_secs: 10,
+            drain_timeout_secs: drain.timeout.as_secs(),
+            drain_batch_size: drain.batch_size,
+            drain_batch_interval_ms: u64::try_from(drain.batch_interval.as_millis()).unwrap_or(100),
+            reconnect_jitter_ms: drain.reconnect_jitter_ms,
+        }
+    }
+}
+
+/// Values given on the command line; they override everything else.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Environment variables read by clap rather than by the configuration (they name the file, not a key).
+const NOT_CONFIG_KEYS: &[&str] = &["config"];
+
+impl Config {
+    /// Loads the configuration from the file (if any), the environment and the overrides.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                anyhow::bail!("configuration file {} does not exist or is not a file", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("SWITCHYARD_").filter(|key| !NOT_CONFIG_KEYS.contains(&key.as_str())))
+            .merge(Serialized::defaults(overrides));
+        let config: Config = figment.extract().map_err(|e| {
+            let errors: Vec<String> = e.into_iter().map(describe).collect();
+            anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let positive: [(&str, u64); 16] = [
+            ("session_ttl_secs", self.session_ttl_secs),
+            ("history_size", self.history_size as u64),
+            ("history_ttl_secs", self.history_ttl_secs),
+            ("dedup_window_secs", self.dedup_window_secs),
+            ("inbox_ttl_secs", self.inbox_ttl_secs),
+            ("inbox_max", self.inbox_max as u64),
+            ("queue_capacity", self.queue_capacity as u64),
+            ("queue_expiry_secs", self.queue_expiry_secs),
+            ("max_rooms_per_connection", self.max_rooms_per_connection as u64),
+            ("max_history_limit", self.max_history_limit as u64),
+            ("ping_interval_secs", self.ping_interval_secs),
+            ("auth_timeout_secs", self.auth_timeout_secs),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("write_timeout_secs", self.write_timeout_secs),
+            ("drain_batch_size", self.drain_batch_size as u64),
+            ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                anyhow::bail!("invalid configuration: `{name}` must be greater than 0");
+            }
+        }
+        if self.max_message_bytes < 128 {
+            anyhow::bail!("invalid configuration: `max_message_bytes` must be at least 128 (got {})", self.max_message_bytes);
+        }
+        if self.queue_max_bytes < self.max_message_bytes {
+            anyhow::bail!(
+                "invalid configuration: `queue_max_bytes` ({}) must be at least `max_message_bytes` ({})",
+                self.queue_max_bytes,
+                self.max_message_bytes
+            );
+        }
+        if self.idle_timeout_secs <= self.ping_interval_secs {
+            anyhow::bail!(
+                "invalid configuration: `idle_timeout_secs` ({}) must be greater than `ping_interval_secs` ({})",
+                self.idle_timeout_secs,
+                self.ping_interval_secs
+            );
+        }
+        if let Some(key) = &self.api_key
+            && key.len() < 16
+        {
+            anyhow::bail!("invalid configuration: `api_key` must be at least 16 characters long");
+        }
+        match self.backend {
+            BackendKind::Memory => {}
+            BackendKind::Redis => {
+                let Some(url) = &self.redis_url else {
+                    anyhow::bail!("invalid configuration: `backend = \"redis\"` needs `redis_url` (SWITCHYARD_REDIS_URL)");
+                };
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    anyhow::bail!("invalid configuration: `redis_url` must start with redis:// or rediss://");
+                }
+                anyhow::bail!("invalid configuration: `backend = \"redis\"` is not available in this build yet; use \"memory\"");
+            }
+        }
+        if self.api_key.is_none() && !self.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to listen on {} without an API key: set `api_key` (SWITCHYARD_API_KEY or --api-key) \
+                 or listen on a loopback address such as 127.0.0.1",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+
+    pub fn backend_settings(&self) -> BackendSettings {
+        BackendSettings {
+            session_ttl_secs: self.session_ttl_secs,
+            history_size: self.history_size,
+            history_ttl_secs: self.history_ttl_secs,
+            dedup_window_secs: self.dedup_window_secs,
+            inbox_ttl_secs: self.inbox_ttl_secs,
+            inbox_max: self.inbox_max,
+        }
+    }
+
+    pub fn node_settings(&self, node_id: String) -> NodeSettings {
+        NodeSettings {
+            node_id,
+            queue: QueueLimits {
+                capacity: self.queue_capacity,
+                max_bytes: self.queue_max_bytes,
+                expiry_ms: self.queue_expiry_secs * 1000,
+            },
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            max_history_limit: self.max_history_limit,
+            ping_interval_ms: self.ping_interval_secs * 1000,
+            idle_timeout_ms: self.idle_timeout_secs * 1000,
+            drain: DrainSettings {
+                timeout: Duration::from_secs(self.drain_timeout_secs),
+                batch_size: self.drain_batch_size,
+                batch_interval: Duration::from_millis(self.drain_batch_interval_ms),
+                reconnect_jitter_ms: self.reconnect_jitter_ms,
+            },
+        }
+    }
+}
+
+/// One configuration error as a line naming the key and where its value came from.
+fn describe(e: figment::Error) -> String {
+    let key = if e.path.is_empty() { None } else { Some(e.path.join(".")) };
+    let source = e.metadata.as_ref().map(|m| match &m.source {
+        Some(figment::Source::File(path)) => format!(" in {}", path.display()),
+        _ => format!(" from {}", m.name),
+    });
+    let kind = e.kind.to_string();
+    match key {
+        Some(key) => format!("`{key}`{}: {kind}", source.unwrap_or_default()),
+        None => format!("{kind}{}", source.unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_seed_compatible() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.session_ttl_secs, 3600);
+        assert_eq!(c.queue_capacity, 1500);
+        assert_eq!(c.queue_expiry_secs, 10);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("sy-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "queue_capacity = \"lots\"\n").unwrap();
+        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("queue_capacity"), "{err}");
+        std::fs::write(&path, "queue_capacty = 5\n").unwrap();
+        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("queue_capacty"), "{err}");
+        std::fs::write(&path, "queue_capacity = 0\n").unwrap();
+        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("queue_capacity"), "{err}");
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\n").unwrap();
+        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("API key"), "{err}");
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\napi_key = \"0123456789abcdef0123\"\n").unwrap();
+        assert!(Config::load(Some(&path), &Overrides::default()).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,318 @@
+//! The WebSocket transport: the handshake (on top of axum routing, so that buffer sizes and errors
+//! stay under our control), the first-frame authentication, and one task per connection that moves
+//! frames between the socket and the node: it reads and handles client frames, and writes what the
+//! connection's queue holds, all queued frames in one flush.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use switchyard_core::conn::{ConnId, Connection};
+use switchyard_core::metrics::FailReason;
+use switchyard_core::node::{Node, seed_room};
+use switchyard_core::queue::{CloseReason, Outbound};
+use switchyard_proto::{ClientBody, CloseCode, ErrorCode, RoomName, SUBPROTOCOL_JSON, ServerFrame, decode_client_frame};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tracing::Instrument;
+
+use crate::api::ApiError;
+use crate::app::AppState;
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// How long a closing connection waits for the client's close reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Which protocol a connection speaks after authentication.
+enum Protocol {
+    Native,
+    Seed { room: RoomName, room_name: String },
+}
+
+/// Validates the handshake and answers 101, or explains in JSON why not.
+fn accept(state: &AppState, req: &mut Request) -> Result<(Response, hyper::upgrade::OnUpgrade), Response> {
+    let refuse = |status: StatusCode, message: &str| {
+        state.node().metrics.failed(FailReason::Handshake);
+        ApiError::new(status, ErrorCode::BadRequest, message).into_response()
+    };
+    if req.method() != Method::GET {
+        return Err(refuse(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket handshake is a GET request"));
+    }
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(refuse(StatusCode::UPGRADE_REQUIRED, "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut response = refuse(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version; use 13");
+        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(response);
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+    };
+    let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let offers_json = has_token(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL_JSON);
+    if state.node().is_draining() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "this node is draining; connect to another")
+            .into_response());
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(refuse(StatusCode::BAD_REQUEST, "this connection cannot be upgraded"));
+    };
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h: &mut HeaderMap = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(value) = HeaderValue::from_str(&accept_key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if offers_json {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL_JSON));
+    }
+    Ok((response, on_upgrade))
+}
+
+/// Spawns the connection task once the upgrade completes.
+fn spawn_connection(state: &AppState, on_upgrade: hyper::upgrade::OnUpgrade, session: Option<String>, protocol: Protocol) {
+    let node = state.node().clone();
+    let id = node.hub.next_conn_id();
+    let span = tracing::info_span!("conn", id);
+    let task_state = state.clone();
+    state.tasks().spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(task_state.ws_config())).await;
+            run(task_state, node, id, ws, session, protocol).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// `GET /ws[?session=ID]`: the main endpoint.
+pub async fn main_endpoint(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>, mut req: Request) -> Response {
+    match accept(&state, &mut req) {
+        Ok((response, on_upgrade)) => {
+            spawn_connection(&state, on_upgrade, query.get("session").cloned(), Protocol::Native);
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+/// `GET /ws/chat/{session_id}/{room_name}/`: the seed's `ChatConsumer`.
+pub async fn seed_endpoint(
+    State(state): State<AppState>,
+    Path((session_id, room_name)): Path<(String, String)>,
+    mut req: Request,
+) -> Response {
+    let room = match seed_room(&room_name) {
+        Ok(room) => room,
+        Err(e) => return ApiError::bad_request(e.message).into_response(),
+    };
+    match accept(&state, &mut req) {
+        Ok((response, on_upgrade)) => {
+            spawn_connection(&state, on_upgrade, Some(session_id), Protocol::Seed { room, room_name });
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+async fn send_close(ws: &mut Socket, reason: &CloseReason) {
+    let mut text = reason.reason.clone();
+    while text.len() > 123 {
+        text.pop();
+    }
+    let frame = CloseFrame { code: WsCloseCode::from(reason.code.code()), reason: Utf8Bytes::from(text) };
+    // Wait briefly for the client's close reply, so the close frame is not lost to a reset.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+/// The close a read error calls for, if any.
+fn close_for_read_error(e: &tungstenite::Error) -> Option<CloseReason> {
+    match e {
+        tungstenite::Error::Capacity(_) => Some(CloseReason::new(CloseCode::TooBig, "message too large")),
+        tungstenite::Error::Utf8(_) => Some(CloseReason::new(CloseCode::InvalidPayload, "text frame is not valid UTF-8")),
+        tungstenite::Error::Protocol(p) => Some(CloseReason::new(CloseCode::ProtocolError, p.to_string())),
+        _ => None,
+    }
+}
+
+/// Waits for the first `auth` frame. Other frames get `UNAUTHORIZED` errors meanwhile.
+async fn await_auth(ws: &mut Socket, node: &Node, timeout: Duration) -> Result<String, Option<CloseReason>> {
+    let wait = async {
+        while let Some(msg) = ws.next().await {
+            let text = match msg {
+                Ok(Message::Text(text)) => text,
+                Ok(Message::Binary(_)) => {
+                    let frame = ServerFrame::error(ErrorCode::BadRequest, "binary frames are not supported", None);
+                    let _ = ws.send(Message::text(frame.encode())).await;
+                    continue;
+                }
+                Ok(Message::Close(_)) => return Err(None),
+                Ok(_) => continue,
+                Err(e) => return Err(close_for_read_error(&e)),
+            };
+            let reply = match decode_client_frame(&text) {
+                Ok(frame) => match frame.body {
+                    ClientBody::Auth { session } => return Ok(session),
+                    _ => ServerFrame::error(
+                        ErrorCode::Unauthorized,
+                        "authenticate first: send {\"type\":\"auth\",\"session\":\"<session id>\"} or connect with ?session=",
+                        frame.reference,
+                    ),
+                },
+                Err(e) => ServerFrame::error(e.code, e.message, e.reference),
+            };
+            if ws.send(Message::text(reply.encode())).await.is_err() {
+                return Err(None);
+            }
+        }
+        Err(None)
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(result) => result,
+        Err(_) => {
+            node.metrics.failed(FailReason::AuthTimeout);
+            Err(Some(CloseReason::new(CloseCode::Policy, "authentication timeout")))
+        }
+    }
+}
+
+async fn run(state: AppState, node: Arc<Node>, id: ConnId, mut ws: Socket, session: Option<String>, protocol: Protocol) {
+    let session_id = match session {
+        Some(session) => session,
+        None => match await_auth(&mut ws, &node, state.auth_timeout()).await {
+            Ok(session) => session,
+            Err(close) => {
+                if let Some(close) = close {
+                    node.metrics.closed_with(close.code.code());
+                    send_close(&mut ws, &close).await;
+                }
+                return;
+            }
+        },
+    };
+    let (session, user) = match node.authenticate(&session_id).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::info!(reason = %e.close.reason, "connection refused");
+            node.metrics.closed_with(e.close.code.code());
+            send_close(&mut ws, &e.close).await;
+            return;
+        }
+    };
+    let opened = Instant::now();
+    let conn = match &protocol {
+        Protocol::Native => node.open(id, &session, user).await,
+        Protocol::Seed { room_name, .. } => match node.open_seed(id, &session, user, room_name).await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                let close = CloseReason::new(CloseCode::TryLater, e.message);
+                node.metrics.closed_with(close.code.code());
+                send_close(&mut ws, &close).await;
+                return;
+            }
+        },
+    };
+    tracing::info!(user = %conn.user, session = %conn.session_id, "connected");
+    let close = pump(&state, &node, &conn, &mut ws, &protocol).await;
+    match close {
+        Some(close) => {
+            tracing::info!(code = close.code.code(), reason = %close.reason, "closing");
+            node.metrics.closed_with(close.code.code());
+            send_close(&mut ws, &close).await;
+        }
+        None => tracing::info!("disconnected"),
+    }
+    // Only now is the connection gone: a drain waits for the close handshake to finish.
+    node.close(&conn).await;
+    node.metrics.connection_duration.observe(opened.elapsed().as_secs_f64());
+}
+
+/// Moves frames until the connection ends; returns the close to send, if the server closes.
+async fn pump(state: &AppState, node: &Node, conn: &Arc<Connection>, ws: &mut Socket, protocol: &Protocol) -> Option<CloseReason> {
+    let shutdown = state.shutdown();
+    let write_timeout = state.write_timeout();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Some(CloseReason::new(CloseCode::GoingAway, "server shutting down")),
+            _ = conn.queue.ready() => {
+                let batch = conn.queue.take();
+                let written = tokio::time::timeout(write_timeout, async {
+                    for (frame, _) in batch.frames {
+                        let message = match frame {
+                            Outbound::Text(text) => Message::Text(text),
+                            Outbound::Ping => Message::Ping(Default::default()),
+                        };
+                        ws.feed(message).await?;
+                    }
+                    ws.flush().await
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        node.metrics.slow_consumers.inc();
+                        return Some(CloseReason::new(CloseCode::SlowConsumer, "slow consumer: write timed out"));
+                    }
+                }
+                if let Some(close) = batch.close {
+                    return Some(close);
+                }
+            }
+            msg = ws.next() => {
+                let text = match msg {
+                    None | Some(Ok(Message::Close(_))) => return None,
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Binary(_))) => {
+                        conn.touch(node.clock.now_ms());
+                        match protocol {
+                            Protocol::Native => node.send_error(conn, ErrorCode::BadRequest, "binary frames are not supported; send JSON text", None),
+                            Protocol::Seed { .. } => node.send_seed_error(conn, ErrorCode::InvalidMessageFormat, "binary frames are not supported; send JSON text"),
+                        }
+                        continue;
+                    }
+                    Some(Ok(_)) => {
+                        conn.touch(node.clock.now_ms());
+                        continue;
+                    }
+                    Some(Err(e)) => return close_for_read_error(&e),
+                };
+                conn.touch(node.clock.now_ms());
+                node.metrics.message_size.observe(text.len() as f64);
+                match protocol {
+                    Protocol::Native => match decode_client_frame(&text) {
+                        Ok(frame) => node.handle(conn, frame).await,
+                        Err(e) => node.reject(conn, e),
+                    },
+                    Protocol::Seed { room, .. } => node.handle_seed(conn, room, &text).await,
+                }
+            }
+        }
+    }
+}
