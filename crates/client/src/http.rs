@@ -27,7 +27,11 @@ pub struct Response {
 
 impl Http {
     pub fn new(addr: SocketAddr) -> Self {
-        Http { addr, api_key: None, timeout: crate::DEFAULT_TIMEOUT }
+        Http {
+            addr,
+            api_key: None,
+            timeout: crate::DEFAULT_TIMEOUT,
+        }
     }
 
     pub fn with_api_key(mut self, key: &str) -> Self {
@@ -55,11 +59,19 @@ impl Http {
             .map_err(|_| anyhow!("{path}: no response within {timeout:?}"))?
     }
 
-    async fn call_untimed(&self, method: Method, path: &str, body: Option<String>) -> anyhow::Result<Response> {
+    async fn call_untimed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<Response> {
         let stream = crate::tcp_connect(self.addr, None).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let mut request = Request::builder().method(method).uri(path).header("host", self.addr.to_string());
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string());
         if let Some(key) = &self.api_key {
             request = request.header("authorization", format!("Bearer {key}"));
         }
@@ -67,7 +79,10 @@ impl Http {
             request = request.header("content-type", "application/json");
         }
         let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let response = sender.send_request(request).await.with_context(|| format!("request to {path} failed"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .with_context(|| format!("request to {path} failed"))?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
         let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -77,10 +92,15 @@ impl Http {
 
     /// Creates a session and returns its id.
     pub async fn create_session(&self, user_id: &str) -> anyhow::Result<String> {
-        let response = self.post("/api/sessions", &serde_json::json!({ "user_id": user_id })).await?;
+        let response = self
+            .post("/api/sessions", &serde_json::json!({ "user_id": user_id }))
+            .await?;
         if response.status != StatusCode::CREATED {
             anyhow::bail!("creating a session failed: {} {}", response.status, response.text);
         }
-        response.body["session_id"].as_str().map(str::to_string).ok_or_else(|| anyhow!("no session_id in {}", response.text))
+        response.body["session_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no session_id in {}", response.text))
     }
 }

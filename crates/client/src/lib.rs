@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
-use switchyard_proto::{ClientBody, ClientFrame, Payload, Ref, RoomName, ServerFrame, StreamPosition, UserId};
+use switchyard_proto::{
+    ClientBody, ClientFrame, Payload, Ref, RoomName, ServerFrame, StreamPosition, UserId,
+};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -43,7 +45,12 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions { source: None, read_buffer: 16 * 1024, recv_buffer: None, timeout: DEFAULT_TIMEOUT }
+        ConnectOptions {
+            source: None,
+            read_buffer: 16 * 1024,
+            recv_buffer: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
     }
 }
 
@@ -65,15 +72,28 @@ pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Re
 }
 
 /// Opens a TCP connection, optionally from `source` and with a receive buffer size.
-pub async fn tcp_connect_with(addr: SocketAddr, source: Option<IpAddr>, recv_buffer: Option<u32>) -> anyhow::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+pub async fn tcp_connect_with(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> anyhow::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size)?;
     }
     if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("cannot bind source address {ip}"))?;
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("cannot bind source address {ip}"))?;
     }
-    let stream = socket.connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
+    let stream = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -89,7 +109,9 @@ impl Client {
         if parsed.scheme() != "ws" {
             bail!("only ws:// URLs are supported, got {url}");
         }
-        let host = parsed.host_str().ok_or_else(|| anyhow!("URL {url} has no host"))?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| anyhow!("URL {url} has no host"))?;
         let port = parsed.port().unwrap_or(80);
         let addr: SocketAddr = tokio::net::lookup_host((host, port))
             .await?
@@ -97,14 +119,22 @@ impl Client {
             .ok_or_else(|| anyhow!("cannot resolve {host}"))?;
         let connect = async {
             let stream = tcp_connect_with(addr, options.source, options.recv_buffer).await?;
-            let config = WebSocketConfig::default().read_buffer_size(options.read_buffer).write_buffer_size(0);
+            let config = WebSocketConfig::default()
+                .read_buffer_size(options.read_buffer)
+                .write_buffer_size(0);
             let (ws, _response) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
                 .await
                 .with_context(|| format!("WebSocket handshake with {url} failed"))?;
             anyhow::Ok(ws)
         };
-        let ws = tokio::time::timeout(options.timeout, connect).await.map_err(|_| anyhow!("connecting to {url} timed out"))??;
-        Ok(Client { ws, timeout: options.timeout, next_ref: 1 })
+        let ws = tokio::time::timeout(options.timeout, connect)
+            .await
+            .map_err(|_| anyhow!("connecting to {url} timed out"))??;
+        Ok(Client {
+            ws,
+            timeout: options.timeout,
+            next_ref: 1,
+        })
     }
 
     /// Sends one request frame.
@@ -141,18 +171,31 @@ impl Client {
     /// The next event (pings are answered and skipped).
     pub async fn recv(&mut self) -> anyhow::Result<Event> {
         let timeout = self.timeout;
-        tokio::time::timeout(timeout, self.recv_untimed()).await.map_err(|_| anyhow!("no frame within {timeout:?}"))?
+        tokio::time::timeout(timeout, self.recv_untimed())
+            .await
+            .map_err(|_| anyhow!("no frame within {timeout:?}"))?
     }
 
     async fn recv_untimed(&mut self) -> anyhow::Result<Event> {
         loop {
             match self.ws.next().await {
-                None => return Ok(Event::Closed { code: None, reason: "connection ended".into() }),
+                None => {
+                    return Ok(Event::Closed {
+                        code: None,
+                        reason: "connection ended".into(),
+                    });
+                }
                 Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => {
-                    return Ok(Event::Closed { code: None, reason: "connection closed".into() });
+                    return Ok(Event::Closed {
+                        code: None,
+                        reason: "connection closed".into(),
+                    });
                 }
                 Some(Err(tungstenite::Error::Io(e))) => {
-                    return Ok(Event::Closed { code: None, reason: format!("connection reset: {e}") });
+                    return Ok(Event::Closed {
+                        code: None,
+                        reason: format!("connection reset: {e}"),
+                    });
                 }
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(text))) => {
@@ -163,8 +206,14 @@ impl Client {
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return Ok(match frame {
-                        Some(f) => Event::Closed { code: Some(u16::from(f.code)), reason: f.reason.to_string() },
-                        None => Event::Closed { code: None, reason: String::new() },
+                        Some(f) => Event::Closed {
+                            code: Some(u16::from(f.code)),
+                            reason: f.reason.to_string(),
+                        },
+                        None => Event::Closed {
+                            code: None,
+                            reason: String::new(),
+                        },
                     });
                 }
                 Some(Ok(_)) => continue,
@@ -200,11 +249,17 @@ impl Client {
     }
 
     /// Skips frames until one matches.
-    pub async fn until(&mut self, what: &str, mut matches: impl FnMut(&ServerFrame) -> bool) -> anyhow::Result<ServerFrame> {
+    pub async fn until(
+        &mut self,
+        what: &str,
+        mut matches: impl FnMut(&ServerFrame) -> bool,
+    ) -> anyhow::Result<ServerFrame> {
         loop {
             match self.recv().await.with_context(|| format!("waiting for {what}"))? {
                 Event::Frame(frame) if matches(&frame) => return Ok(frame),
-                Event::Closed { code, reason } => bail!("closed ({code:?} {reason}) while waiting for {what}"),
+                Event::Closed { code, reason } => {
+                    bail!("closed ({code:?} {reason}) while waiting for {what}")
+                }
                 _ => continue,
             }
         }
@@ -220,22 +275,39 @@ impl Client {
 
     /// Authenticates with an `auth` frame and reads `welcome`.
     pub async fn auth(&mut self, session: &str) -> anyhow::Result<ServerFrame> {
-        self.request(ClientBody::Auth { session: session.to_string() }).await?;
+        self.request(ClientBody::Auth {
+            session: session.to_string(),
+        })
+        .await?;
         self.welcome().await
     }
 
     /// Joins a room and returns `(offset, epoch, recovered)` from the `joined` reply.
-    pub async fn join(&mut self, room: &str, since: Option<StreamPosition>) -> anyhow::Result<(u64, String, bool)> {
+    pub async fn join(
+        &mut self,
+        room: &str,
+        since: Option<StreamPosition>,
+    ) -> anyhow::Result<(u64, String, bool)> {
         let room = RoomName::parse(room)?;
         let reference = self.request(ClientBody::Join { room, since }).await?;
         match self.reply(&reference).await? {
-            ServerFrame::Joined { offset, epoch, recovered, .. } => Ok((offset, epoch, recovered)),
+            ServerFrame::Joined {
+                offset,
+                epoch,
+                recovered,
+                ..
+            } => Ok((offset, epoch, recovered)),
             other => bail!("expected joined, got {other:?}"),
         }
     }
 
     /// Publishes and returns the acknowledged offset.
-    pub async fn publish(&mut self, room: &str, data: serde_json::Value, id: Option<&str>) -> anyhow::Result<u64> {
+    pub async fn publish(
+        &mut self,
+        room: &str,
+        data: serde_json::Value,
+        id: Option<&str>,
+    ) -> anyhow::Result<u64> {
         let body = ClientBody::Publish {
             room: RoomName::parse(room)?,
             data: Payload::from_value(&data)?,
@@ -243,14 +315,20 @@ impl Client {
         };
         let reference = self.request(body).await?;
         match self.reply(&reference).await? {
-            ServerFrame::Ack { offset: Some(offset), .. } => Ok(offset),
+            ServerFrame::Ack {
+                offset: Some(offset), ..
+            } => Ok(offset),
             other => bail!("expected ack, got {other:?}"),
         }
     }
 
     /// Sends a direct message and returns its inbox sequence number.
     pub async fn direct(&mut self, to: &str, data: serde_json::Value) -> anyhow::Result<u64> {
-        let body = ClientBody::Direct { to: UserId::parse(to)?, data: Payload::from_value(&data)?, id: None };
+        let body = ClientBody::Direct {
+            to: UserId::parse(to)?,
+            data: Payload::from_value(&data)?,
+            id: None,
+        };
         let reference = self.request(body).await?;
         match self.reply(&reference).await? {
             ServerFrame::Ack { seq: Some(seq), .. } => Ok(seq),
@@ -277,7 +355,10 @@ impl Client {
     /// Closes the connection normally.
     pub async fn close(mut self) -> anyhow::Result<()> {
         let _ = self.ws.close(None).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
         Ok(())
     }
 }

@@ -23,7 +23,10 @@ impl Default for Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Clock { start: Instant::now(), now_ms: Arc::new(AtomicU64::new(0)) }
+        Clock {
+            start: Instant::now(),
+            now_ms: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Coarse milliseconds since start (at most one tick behind).
@@ -52,5 +55,8 @@ impl Clock {
 
 /// Wall-clock Unix time in milliseconds (for `ts` fields).
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(0)).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(0))
+        .unwrap_or(0)
 }

@@ -50,7 +50,12 @@ impl Recorder {
     }
 
     pub fn offsets(&self, room: &RoomName) -> Vec<u64> {
-        self.publications.lock().iter().filter(|p| &p.room == room).map(|p| p.offset).collect()
+        self.publications
+            .lock()
+            .iter()
+            .filter(|p| &p.room == room)
+            .map(|p| p.offset)
+            .collect()
     }
 }
 
@@ -94,7 +99,11 @@ fn data(n: u64) -> Payload {
 }
 
 fn new_pub(n: u64, id: Option<&str>) -> NewPublication {
-    NewPublication { from: Some(UserId::parse("alice").unwrap()), data: data(n), id: id.map(str::to_string) }
+    NewPublication {
+        from: Some(UserId::parse("alice").unwrap()),
+        data: data(n),
+        id: id.map(str::to_string),
+    }
 }
 
 fn record(user_id: serde_json::Value) -> SessionRecord {
@@ -115,13 +124,48 @@ where
 {
     publish_orders_offsets_and_delivers_only_when_subscribed(make(BackendSettings::default()).await).await;
     idempotent_publish(make(BackendSettings::default()).await).await;
-    history_pages(make(BackendSettings { history_size: 5, ..BackendSettings::default() }).await).await;
-    recovery_is_all_or_nothing(make(BackendSettings { history_size: 5, ..BackendSettings::default() }).await).await;
-    history_expires(make(BackendSettings { history_ttl_secs: 1, ..BackendSettings::default() }).await).await;
-    direct_messages_and_inbox(make(BackendSettings { inbox_max: 3, ..BackendSettings::default() }).await).await;
+    history_pages(
+        make(BackendSettings {
+            history_size: 5,
+            ..BackendSettings::default()
+        })
+        .await,
+    )
+    .await;
+    recovery_is_all_or_nothing(
+        make(BackendSettings {
+            history_size: 5,
+            ..BackendSettings::default()
+        })
+        .await,
+    )
+    .await;
+    history_expires(
+        make(BackendSettings {
+            history_ttl_secs: 1,
+            ..BackendSettings::default()
+        })
+        .await,
+    )
+    .await;
+    direct_messages_and_inbox(
+        make(BackendSettings {
+            inbox_max: 3,
+            ..BackendSettings::default()
+        })
+        .await,
+    )
+    .await;
     broadcast_presence_events_and_disconnect(make(BackendSettings::default()).await).await;
     sessions_in_seed_format(make(BackendSettings::default()).await).await;
-    sessions_expire(make(BackendSettings { session_ttl_secs: 1, ..BackendSettings::default() }).await).await;
+    sessions_expire(
+        make(BackendSettings {
+            session_ttl_secs: 1,
+            ..BackendSettings::default()
+        })
+        .await,
+    )
+    .await;
     presence_counts_connections(make(BackendSettings::default()).await).await;
 }
 
@@ -140,8 +184,13 @@ pub async fn publish_orders_offsets_and_delivers_only_when_subscribed(b: Backend
         let out = b.broker.publish(&r, new_pub(n, None)).await.unwrap();
         assert_eq!(out.offset, n + 1, "offsets are consecutive");
     }
-    rec.wait_until("20 publications", |rec| rec.offsets(&r).len() >= 20).await;
-    assert_eq!(rec.offsets(&r), (2..=21).collect::<Vec<_>>(), "delivered in offset order, only once subscribed");
+    rec.wait_until("20 publications", |rec| rec.offsets(&r).len() >= 20)
+        .await;
+    assert_eq!(
+        rec.offsets(&r),
+        (2..=21).collect::<Vec<_>>(),
+        "delivered in offset order, only once subscribed"
+    );
     let delivered = rec.publications.lock().last().cloned().unwrap();
     assert_eq!(delivered.data, data(20));
     assert_eq!(delivered.from.as_ref().map(UserId::as_str), Some("alice"));
@@ -153,8 +202,13 @@ pub async fn publish_orders_offsets_and_delivers_only_when_subscribed(b: Backend
     let marker = room("marker");
     b.broker.subscribe(&marker).await.unwrap();
     b.broker.publish(&marker, new_pub(0, None)).await.unwrap();
-    rec.wait_until("marker", |rec| !rec.offsets(&marker).is_empty()).await;
-    assert_eq!(rec.offsets(&r).len(), 20, "nothing is delivered after unsubscribe");
+    rec.wait_until("marker", |rec| !rec.offsets(&marker).is_empty())
+        .await;
+    assert_eq!(
+        rec.offsets(&r).len(),
+        20,
+        "nothing is delivered after unsubscribe"
+    );
     assert_eq!(b.broker.position(&r).await.unwrap().offset, 22);
 }
 
@@ -164,25 +218,47 @@ pub async fn idempotent_publish(b: Backends) {
     b.broker.subscribe(&r).await.unwrap();
     let first = b.broker.publish(&r, new_pub(1, Some("k1"))).await.unwrap();
     let again = b.broker.publish(&r, new_pub(1, Some("k1"))).await.unwrap();
-    assert_eq!(again.offset, first.offset, "a repeated id returns the first offset");
+    assert_eq!(
+        again.offset, first.offset,
+        "a repeated id returns the first offset"
+    );
     assert!(again.duplicate && !first.duplicate);
     let other = b.broker.publish(&r, new_pub(2, Some("k2"))).await.unwrap();
     assert_eq!(other.offset, first.offset + 1);
-    rec.wait_until("two publications", |rec| rec.offsets(&r).len() >= 2).await;
+    rec.wait_until("two publications", |rec| rec.offsets(&r).len() >= 2)
+        .await;
     assert_eq!(rec.offsets(&r), vec![1, 2], "a duplicate is not delivered twice");
-    assert_eq!(b.broker.history(&r, Some(0), 10).await.unwrap().publications.len(), 2);
+    assert_eq!(
+        b.broker
+            .history(&r, Some(0), 10)
+            .await
+            .unwrap()
+            .publications
+            .len(),
+        2
+    );
 }
 
 pub async fn history_pages(b: Backends) {
     let r = room("hist");
     for n in 1..=8 {
-        b.broker.publish(&r, new_pub(n, Some(&format!("id{n}")))).await.unwrap();
+        b.broker
+            .publish(&r, new_pub(n, Some(&format!("id{n}"))))
+            .await
+            .unwrap();
     }
     let page = b.broker.history(&r, None, 3).await.unwrap();
     assert_eq!(page.position.offset, 8);
-    assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![6, 7, 8], "latest 3");
+    assert_eq!(
+        page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        vec![6, 7, 8],
+        "latest 3"
+    );
     let page = b.broker.history(&r, Some(4), 2).await.unwrap();
-    assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(
+        page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
     assert_eq!(page.publications[0].id.as_deref(), Some("id5"));
     assert_eq!(page.publications[0].data, data(5));
     let page = b.broker.history(&r, Some(0), 100).await.unwrap();
@@ -201,32 +277,57 @@ pub async fn recovery_is_all_or_nothing(b: Backends) {
         b.broker.publish(&r, new_pub(n, None)).await.unwrap();
     }
     let top = b.broker.position(&r).await.unwrap();
-    let at = |offset| StreamPosition { offset, epoch: top.epoch.clone() };
+    let at = |offset| StreamPosition {
+        offset,
+        epoch: top.epoch.clone(),
+    };
     match b.broker.recover(&r, &at(5)).await.unwrap() {
-        Recovery::Recovered { position, publications } => {
+        Recovery::Recovered {
+            position,
+            publications,
+        } => {
             assert_eq!(position, top);
-            assert_eq!(publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![6, 7, 8]);
+            assert_eq!(
+                publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
+                vec![6, 7, 8]
+            );
         }
         other => panic!("expected recovery, got {other:?}"),
     }
     match b.broker.recover(&r, &at(3)).await.unwrap() {
         Recovery::Recovered { publications, .. } => {
-            assert_eq!(publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
+            assert_eq!(
+                publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
+                vec![4, 5, 6, 7, 8]
+            );
         }
         other => panic!("the oldest kept publication follows offset 3: {other:?}"),
     }
     assert_eq!(
         b.broker.recover(&r, &at(2)).await.unwrap(),
-        Recovery::NotRecovered { position: top.clone() },
+        Recovery::NotRecovered {
+            position: top.clone()
+        },
         "offset 3 is gone: no partial replay"
     );
     assert!(matches!(
         b.broker.recover(&r, &at(8)).await.unwrap(),
         Recovery::Recovered { publications, .. } if publications.is_empty()
     ));
-    let wrong_epoch = StreamPosition { offset: 7, epoch: format!("{}x", top.epoch) };
-    assert_eq!(b.broker.recover(&r, &wrong_epoch).await.unwrap(), Recovery::NotRecovered { position: top.clone() });
-    assert_eq!(b.broker.recover(&r, &at(9)).await.unwrap(), Recovery::NotRecovered { position: top });
+    let wrong_epoch = StreamPosition {
+        offset: 7,
+        epoch: format!("{}x", top.epoch),
+    };
+    assert_eq!(
+        b.broker.recover(&r, &wrong_epoch).await.unwrap(),
+        Recovery::NotRecovered {
+            position: top.clone()
+        }
+    );
+    assert_eq!(
+        b.broker.recover(&r, &at(9)).await.unwrap(),
+        Recovery::NotRecovered { position: top }
+    );
 }
 
 pub async fn history_expires(b: Backends) {
@@ -239,12 +340,21 @@ pub async fn history_expires(b: Backends) {
         if page.publications.is_empty() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "history older than its TTL must go");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history older than its TTL must go"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let since = StreamPosition { offset: 0, epoch: top.epoch.clone() };
+    let since = StreamPosition {
+        offset: 0,
+        epoch: top.epoch.clone(),
+    };
     assert!(
-        matches!(b.broker.recover(&r, &since).await.unwrap(), Recovery::NotRecovered { .. }),
+        matches!(
+            b.broker.recover(&r, &since).await.unwrap(),
+            Recovery::NotRecovered { .. }
+        ),
         "expired history cannot recover"
     );
 }
@@ -258,11 +368,24 @@ pub async fn direct_messages_and_inbox(b: Backends) {
         id: id.map(str::to_string),
     };
     let first = b.broker.send_direct(&bob, send(1, Some("d1"))).await.unwrap();
-    assert_eq!(first, DirectOutcome { seq: 1, duplicate: false });
+    assert_eq!(
+        first,
+        DirectOutcome {
+            seq: 1,
+            duplicate: false
+        }
+    );
     let dup = b.broker.send_direct(&bob, send(1, Some("d1"))).await.unwrap();
-    assert_eq!(dup, DirectOutcome { seq: 1, duplicate: true });
+    assert_eq!(
+        dup,
+        DirectOutcome {
+            seq: 1,
+            duplicate: true
+        }
+    );
     assert_eq!(b.broker.send_direct(&bob, send(2, None)).await.unwrap().seq, 2);
-    rec.wait_until("two directs", |rec| rec.directs.lock().len() >= 2).await;
+    rec.wait_until("two directs", |rec| rec.directs.lock().len() >= 2)
+        .await;
     let seqs: Vec<u64> = rec.directs.lock().iter().map(|m| m.seq).collect();
     assert_eq!(seqs, vec![1, 2], "every node gets each direct message once");
     assert_eq!(rec.directs.lock()[0].to, bob);
@@ -272,10 +395,26 @@ pub async fn direct_messages_and_inbox(b: Backends) {
     assert_eq!(inbox[1].data, data(2));
     b.broker.send_direct(&bob, send(3, None)).await.unwrap();
     let full = b.broker.send_direct(&bob, send(4, None)).await;
-    assert!(matches!(full, Err(BackendError::InboxFull { limit: 3, .. })), "{full:?}");
+    assert!(
+        matches!(full, Err(BackendError::InboxFull { limit: 3, .. })),
+        "{full:?}"
+    );
     b.broker.inbox_ack(&bob, 2).await.unwrap();
-    assert_eq!(b.broker.inbox(&bob).await.unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
-    assert_eq!(b.broker.send_direct(&bob, send(4, None)).await.unwrap().seq, 4, "seq keeps counting after acks");
+    assert_eq!(
+        b.broker
+            .inbox(&bob)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(
+        b.broker.send_direct(&bob, send(4, None)).await.unwrap().seq,
+        4,
+        "seq keeps counting after acks"
+    );
     b.broker.inbox_ack(&bob, 10).await.unwrap();
     assert!(b.broker.inbox(&bob).await.unwrap().is_empty());
     assert!(b.broker.inbox(&user("nobody")).await.unwrap().is_empty());
@@ -285,41 +424,73 @@ pub async fn broadcast_presence_events_and_disconnect(b: Backends) {
     let rec = Recorder::attach(&b.broker);
     let r = room("events");
     b.broker.subscribe(&r).await.unwrap();
-    b.broker.broadcast(SystemMessage { data: data(7), ts: 1 }).await.unwrap();
-    rec.wait_until("system", |rec| !rec.systems.lock().is_empty()).await;
+    b.broker
+        .broadcast(SystemMessage { data: data(7), ts: 1 })
+        .await
+        .unwrap();
+    rec.wait_until("system", |rec| !rec.systems.lock().is_empty())
+        .await;
     assert_eq!(rec.systems.lock()[0].data, data(7));
 
-    let diff = PresenceDiff { room: r.clone(), joins: vec![UserId::parse("carol").unwrap()], leaves: vec![] };
+    let diff = PresenceDiff {
+        room: r.clone(),
+        joins: vec![UserId::parse("carol").unwrap()],
+        leaves: vec![],
+    };
     b.broker.presence_event(&diff).await.unwrap();
-    rec.wait_until("presence", |rec| !rec.presence.lock().is_empty()).await;
+    rec.wait_until("presence", |rec| !rec.presence.lock().is_empty())
+        .await;
     assert_eq!(rec.presence.lock()[0], diff);
 
     let target = DisconnectTarget::User(UserId::parse("mallory").unwrap());
     b.broker.disconnect(&target).await.unwrap();
     let session = DisconnectTarget::Session("3f1c".into());
     b.broker.disconnect(&session).await.unwrap();
-    rec.wait_until("disconnects", |rec| rec.disconnects.lock().len() >= 2).await;
+    rec.wait_until("disconnects", |rec| rec.disconnects.lock().len() >= 2)
+        .await;
     assert_eq!(*rec.disconnects.lock(), vec![target, session]);
     b.broker.check().await.unwrap();
 }
 
 pub async fn sessions_in_seed_format(b: Backends) {
     let id = unique("sess");
-    let created = b.sessions.create(&id, &record(serde_json::json!("alice"))).await.unwrap();
+    let created = b
+        .sessions
+        .create(&id, &record(serde_json::json!("alice")))
+        .await
+        .unwrap();
     assert_eq!(created.record.status, STATUS_ACTIVE);
     let got = b.sessions.get(&id).await.unwrap().expect("created session");
     assert_eq!(got.record, record(serde_json::json!("alice")));
-    assert!(got.expires_in > 3500 && got.expires_in <= 3600, "TTL 3600 s: {}", got.expires_in);
+    assert!(
+        got.expires_in > 3500 && got.expires_in <= 3600,
+        "TTL 3600 s: {}",
+        got.expires_in
+    );
     assert_eq!(got.record.user().unwrap().as_str(), "alice");
 
     assert!(b.sessions.set_status(&id, STATUS_DISCONNECTED).await.unwrap());
-    assert_eq!(b.sessions.get(&id).await.unwrap().unwrap().record.status, STATUS_DISCONNECTED);
-    let resumed = b.sessions.validate(&id).await.unwrap().expect("a disconnected session can resume");
+    assert_eq!(
+        b.sessions.get(&id).await.unwrap().unwrap().record.status,
+        STATUS_DISCONNECTED
+    );
+    let resumed = b
+        .sessions
+        .validate(&id)
+        .await
+        .unwrap()
+        .expect("a disconnected session can resume");
     assert_eq!(resumed.record.status, STATUS_ACTIVE);
-    assert_eq!(b.sessions.get(&id).await.unwrap().unwrap().record.status, STATUS_ACTIVE);
+    assert_eq!(
+        b.sessions.get(&id).await.unwrap().unwrap().record.status,
+        STATUS_ACTIVE
+    );
 
     assert!(b.sessions.set_status(&id, "terminated").await.unwrap());
-    assert!(b.sessions.validate(&id).await.unwrap().is_none(), "a terminated session cannot be used");
+    assert!(
+        b.sessions.validate(&id).await.unwrap().is_none(),
+        "a terminated session cannot be used"
+    );
     assert!(b.sessions.delete(&id).await.unwrap());
     assert!(!b.sessions.delete(&id).await.unwrap());
     assert!(b.sessions.get(&id).await.unwrap().is_none());
@@ -331,17 +502,31 @@ pub async fn sessions_in_seed_format(b: Backends) {
     extra.extra.insert("rooms".into(), serde_json::json!(["lobby"]));
     b.sessions.create(&numeric, &extra).await.unwrap();
     let got = b.sessions.validate(&numeric).await.unwrap().unwrap();
-    assert_eq!(got.record.user().unwrap().as_str(), "42", "integer user ids are accepted");
-    assert_eq!(got.record.extra.get("rooms"), Some(&serde_json::json!(["lobby"])), "unknown fields are kept");
+    assert_eq!(
+        got.record.user().unwrap().as_str(),
+        "42",
+        "integer user ids are accepted"
+    );
+    assert_eq!(
+        got.record.extra.get("rooms"),
+        Some(&serde_json::json!(["lobby"])),
+        "unknown fields are kept"
+    );
 }
 
 pub async fn sessions_expire(b: Backends) {
     let id = unique("short");
-    b.sessions.create(&id, &record(serde_json::json!("dave"))).await.unwrap();
+    b.sessions
+        .create(&id, &record(serde_json::json!("dave")))
+        .await
+        .unwrap();
     assert!(b.sessions.validate(&id).await.unwrap().is_some());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while b.sessions.get(&id).await.unwrap().is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "a session must expire after its TTL");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a session must expire after its TTL"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(b.sessions.validate(&id).await.unwrap().is_none());
@@ -350,17 +535,28 @@ pub async fn sessions_expire(b: Backends) {
 pub async fn presence_counts_connections(b: Backends) {
     let r = room("pres");
     let (erin, frank) = (UserId::parse("erin").unwrap(), UserId::parse("frank").unwrap());
-    assert!(b.presence.add(&r, &erin, 1).await.unwrap(), "first connection makes the user present");
+    assert!(
+        b.presence.add(&r, &erin, 1).await.unwrap(),
+        "first connection makes the user present"
+    );
     assert!(!b.presence.add(&r, &erin, 2).await.unwrap());
     assert!(b.presence.add(&r, &frank, 3).await.unwrap());
     let list = b.presence.list(&r).await.unwrap();
     assert_eq!(
-        list.iter().map(|e| (e.user_id.as_str(), e.connections)).collect::<Vec<_>>(),
+        list.iter()
+            .map(|e| (e.user_id.as_str(), e.connections))
+            .collect::<Vec<_>>(),
         vec![("erin", 2), ("frank", 1)]
     );
     assert!(!b.presence.remove(&r, &erin, 1).await.unwrap());
-    assert!(b.presence.remove(&r, &erin, 2).await.unwrap(), "last connection out: user left");
-    assert!(!b.presence.remove(&r, &erin, 2).await.unwrap(), "removing twice is harmless");
+    assert!(
+        b.presence.remove(&r, &erin, 2).await.unwrap(),
+        "last connection out: user left"
+    );
+    assert!(
+        !b.presence.remove(&r, &erin, 2).await.unwrap(),
+        "removing twice is harmless"
+    );
     assert_eq!(b.presence.list(&r).await.unwrap().len(), 1);
     assert!(b.presence.remove(&r, &frank, 3).await.unwrap());
     assert!(b.presence.list(&r).await.unwrap().is_empty());

@@ -16,7 +16,8 @@ use switchyard_proto::{CloseCode, RoomName, UserId};
 use tungstenite::Utf8Bytes;
 
 use crate::backend::{
-    BackendResult, Broker, DeliverySink, DirectMessage, DisconnectTarget, PresenceDiff, Publication, SystemMessage,
+    BackendResult, Broker, DeliverySink, DirectMessage, DisconnectTarget, PresenceDiff, Publication,
+    SystemMessage,
 };
 use crate::clock::Clock;
 use crate::conn::{ConnId, ConnKind, Connection};
@@ -41,6 +42,7 @@ type SubscriptionLock = Arc<tokio::sync::Mutex<bool>>;
 
 pub struct Hub {
     clock: Clock,
+    queue_capacity: usize,
     metrics: Arc<Metrics>,
     broker: Arc<dyn Broker>,
     rooms: ShardedMap<RoomName, HashMap<ConnId, Member>>,
@@ -53,9 +55,15 @@ pub struct Hub {
 
 impl Hub {
     /// Creates the hub and attaches it to the broker as its delivery sink.
-    pub fn new(broker: Arc<dyn Broker>, clock: Clock, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        queue_capacity: usize,
+    ) -> Arc<Self> {
         let hub = Arc::new(Hub {
             clock,
+            queue_capacity,
             metrics,
             broker: broker.clone(),
             rooms: ShardedMap::new(),
@@ -93,21 +101,39 @@ impl Hub {
     /// Registers a connection; direct messages for its user collect in a pending buffer until
     /// [`Hub::complete_register`].
     pub fn register(&self, conn: &Arc<Connection>) {
-        self.sessions.shard(&conn.session_id).entry(conn.session_id.clone()).or_default().push(conn.clone());
+        self.sessions
+            .shard(&conn.session_id)
+            .entry(conn.session_id.clone())
+            .or_default()
+            .push(conn.clone());
         let pending = (conn.kind == ConnKind::Native).then(Vec::new);
-        self.users.shard(&conn.user).entry(conn.user.clone()).or_default().push(UserSlot { conn: conn.clone(), pending });
+        self.users
+            .shard(&conn.user)
+            .entry(conn.user.clone())
+            .or_default()
+            .push(UserSlot {
+                conn: conn.clone(),
+                pending,
+            });
     }
 
     /// Queues `welcome` and the inbox, then the direct messages that arrived meanwhile and were not
     /// in the inbox read, and makes the connection live for direct messages and broadcasts.
-    pub fn complete_register(&self, conn: &Arc<Connection>, welcome: Utf8Bytes, inbox: &[Arc<DirectMessage>]) {
+    pub fn complete_register(
+        &self,
+        conn: &Arc<Connection>,
+        welcome: Utf8Bytes,
+        inbox: &[Arc<DirectMessage>],
+    ) {
         self.complete_user_slot(conn, welcome, inbox);
         self.conns.shard(&conn.id).insert(conn.id, conn.clone());
     }
 
     fn complete_user_slot(&self, conn: &Arc<Connection>, welcome: Utf8Bytes, inbox: &[Arc<DirectMessage>]) {
         let mut users = self.users.shard(&conn.user);
-        let Some(slot) = users.get_mut(&conn.user).and_then(|slots| slots.iter_mut().find(|s| s.conn.id == conn.id))
+        let Some(slot) = users
+            .get_mut(&conn.user)
+            .and_then(|slots| slots.iter_mut().find(|s| s.conn.id == conn.id))
         else {
             return;
         };
@@ -163,7 +189,13 @@ impl Hub {
             self.metrics.rooms.inc();
             HashMap::new()
         });
-        members.insert(conn.id, Member { conn: conn.clone(), pending: Some(Vec::new()) });
+        members.insert(
+            conn.id,
+            Member {
+                conn: conn.clone(),
+                pending: Some(Vec::new()),
+            },
+        );
         true
     }
 
@@ -178,23 +210,20 @@ impl Hub {
         top: u64,
     ) {
         let mut shard = self.rooms.shard(room);
-        let Some(member) = shard.get_mut(room).and_then(|m| m.get_mut(&conn.id)) else { return };
+        let Some(member) = shard.get_mut(room).and_then(|m| m.get_mut(&conn.id)) else {
+            return;
+        };
         let pending = member.pending.take().unwrap_or_default();
-        if let Some(reply) = reply {
-            self.push(conn, reply);
-        }
         let encode = |p: &Publication| match conn.kind {
             ConnKind::Native => frames::native_publication(p),
             ConnKind::Seed => frames::seed_publication(p),
         };
-        for publication in backlog {
-            self.push(conn, encode(publication));
-        }
-        for publication in pending {
-            if publication.offset > top {
-                self.push(conn, encode(&publication));
-            }
-        }
+        let catch_up = reply
+            .into_iter()
+            .chain(backlog.iter().map(|p| encode(p)))
+            .chain(pending.iter().filter(|p| p.offset > top).map(|p| encode(p)))
+            .map(Outbound::Text);
+        let _ = conn.queue.push_backlog(catch_up, self.clock.now_ms());
     }
 
     /// Removes the connection from the room. False if it was not a member.
@@ -225,16 +254,20 @@ impl Hub {
     /// Makes the broker subscription of `room` match whether it has local members. Changes for one
     /// room are serialised and each call re-reads the membership, so the last call always wins.
     pub async fn sync_subscription(&self, room: &RoomName) -> BackendResult<()> {
-        let lock = self.subscriptions.shard(room).entry(room.clone()).or_default().clone();
+        let lock = self
+            .subscriptions
+            .shard(room)
+            .entry(room.clone())
+            .or_default()
+            .clone();
         let result = {
             let mut subscribed = lock.lock().await;
             let wanted = self.member_count(room) > 0;
-            let result = match (wanted, *subscribed) {
+            match (wanted, *subscribed) {
                 (true, false) => self.broker.subscribe(room).await.map(|()| *subscribed = true),
                 (false, true) => self.broker.unsubscribe(room).await.map(|()| *subscribed = false),
                 _ => Ok(()),
-            };
-            result
+            }
         };
         let mut shard = self.subscriptions.shard(room);
         // Forget the lock once unsubscribed and unused (this shard lock blocks new users of it).
@@ -247,7 +280,8 @@ impl Hub {
     /// Every connection of this node (a snapshot).
     pub fn connections(&self) -> Vec<Arc<Connection>> {
         let mut all = Vec::with_capacity(self.conns.len());
-        self.conns.for_each_shard(|shard| all.extend(shard.values().cloned()));
+        self.conns
+            .for_each_shard(|shard| all.extend(shard.values().cloned()));
         all
     }
 
@@ -257,14 +291,23 @@ impl Hub {
 
     /// Local connections of a user.
     pub fn user_connections(&self, user: &UserId) -> Vec<Arc<Connection>> {
-        self.users.shard(user).get(user).map(|s| s.iter().map(|s| s.conn.clone()).collect()).unwrap_or_default()
+        self.users
+            .shard(user)
+            .get(user)
+            .map(|s| s.iter().map(|s| s.conn.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Closes every local connection of a user or session.
     pub fn close(&self, target: &DisconnectTarget, reason: CloseReason) -> usize {
         let conns: Vec<Arc<Connection>> = match target {
             DisconnectTarget::User(user) => self.user_connections(user),
-            DisconnectTarget::Session(id) => self.sessions.shard(id.as_str()).get(id.as_str()).cloned().unwrap_or_default(),
+            DisconnectTarget::Session(id) => self
+                .sessions
+                .shard(id.as_str())
+                .get(id.as_str())
+                .cloned()
+                .unwrap_or_default(),
         };
         for conn in &conns {
             conn.queue.close(reason.clone());
@@ -276,13 +319,25 @@ impl Hub {
 impl DeliverySink for Hub {
     fn publication(&self, publication: Arc<Publication>) {
         let mut shard = self.rooms.shard(&publication.room);
-        let Some(members) = shard.get_mut(&publication.room) else { return };
+        let Some(members) = shard.get_mut(&publication.room) else {
+            return;
+        };
         let mut native = None;
         let mut seed = None;
         let mut delivered = 0u64;
         for member in members.values_mut() {
             if let Some(pending) = &mut member.pending {
-                pending.push(publication.clone());
+                // Joins take one backend round trip; a room faster than the queue allows meanwhile
+                // makes this member a slow consumer like any other.
+                if pending.len() >= self.queue_capacity {
+                    member.conn.queue.close(CloseReason::new(
+                        CloseCode::SlowConsumer,
+                        "slow consumer: too many publications while joining",
+                    ));
+                    self.metrics.slow_consumers.inc();
+                } else {
+                    pending.push(publication.clone());
+                }
                 continue;
             }
             let frame = match member.conn.kind {
@@ -298,7 +353,9 @@ impl DeliverySink for Hub {
 
     fn presence(&self, diff: &PresenceDiff) {
         let shard = self.rooms.shard(&diff.room);
-        let Some(members) = shard.get(&diff.room) else { return };
+        let Some(members) = shard.get(&diff.room) else {
+            return;
+        };
         let frame = frames::presence(diff);
         for member in members.values() {
             if member.pending.is_none() && member.conn.kind == ConnKind::Native {
@@ -309,7 +366,9 @@ impl DeliverySink for Hub {
 
     fn direct(&self, message: Arc<DirectMessage>) {
         let mut shard = self.users.shard(&message.to);
-        let Some(slots) = shard.get_mut(&message.to) else { return };
+        let Some(slots) = shard.get_mut(&message.to) else {
+            return;
+        };
         let mut frame = None;
         let mut delivered = 0u64;
         for slot in slots.iter_mut().filter(|s| s.conn.kind == ConnKind::Native) {
@@ -317,7 +376,10 @@ impl DeliverySink for Hub {
                 pending.push(message.clone());
                 continue;
             }
-            if self.push(&slot.conn, frame.get_or_insert_with(|| frames::direct(&message)).clone()) {
+            if self.push(
+                &slot.conn,
+                frame.get_or_insert_with(|| frames::direct(&message)).clone(),
+            ) {
                 delivered += 1;
             }
         }

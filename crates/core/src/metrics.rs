@@ -27,8 +27,18 @@ struct CodeLabel {
 
 /// Inbound message types counted by `websocket_messages_total{type}`.
 pub const MESSAGE_TYPES: &[&str] = &[
-    "auth", "join", "leave", "publish", "direct", "presence", "history", "refresh", "inbox_ack", "ping",
-    "chat", "invalid",
+    "auth",
+    "join",
+    "leave",
+    "publish",
+    "direct",
+    "presence",
+    "history",
+    "refresh",
+    "inbox_ack",
+    "ping",
+    "chat",
+    "invalid",
 ];
 
 /// Why a connection attempt failed, for `websocket_connections_failed_total{reason}`.
@@ -55,8 +65,12 @@ impl FailReason {
     }
 }
 
-const FAIL_REASONS: [FailReason; 4] =
-    [FailReason::Handshake, FailReason::Auth, FailReason::AuthTimeout, FailReason::Backend];
+const FAIL_REASONS: [FailReason; 4] = [
+    FailReason::Handshake,
+    FailReason::Auth,
+    FailReason::AuthTimeout,
+    FailReason::Backend,
+];
 
 /// Every metric a node exports.
 pub struct Metrics {
@@ -86,7 +100,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let active_connections = Gauge::default();
-        registry.register("websocket_active_connections", "Open WebSocket connections", active_connections.clone());
+        registry.register(
+            "websocket_active_connections",
+            "Open WebSocket connections",
+            active_connections.clone(),
+        );
         let connections_opened = Counter::default();
         registry.register(
             "websocket_connections_opened",
@@ -99,8 +117,17 @@ impl Metrics {
             "WebSocket connection attempts that failed, by reason",
             failed_family.clone(),
         );
-        let failed =
-            FAIL_REASONS.iter().map(|r| (*r, failed_family.get_or_create(&ReasonLabel { reason: r.label() }).clone())).collect();
+        let failed = FAIL_REASONS
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    failed_family
+                        .get_or_create(&ReasonLabel { reason: r.label() })
+                        .clone(),
+                )
+            })
+            .collect();
         let connection_duration = Histogram::new(exponential_buckets(0.1, 4.0, 10));
         registry.register(
             "websocket_connection_duration_seconds",
@@ -113,8 +140,15 @@ impl Metrics {
             "Messages received from clients, by type",
             messages_family.clone(),
         );
-        let messages =
-            MESSAGE_TYPES.iter().map(|t| (*t, messages_family.get_or_create(&TypeLabel { r#type: t }).clone())).collect();
+        let messages = MESSAGE_TYPES
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    messages_family.get_or_create(&TypeLabel { r#type: t }).clone(),
+                )
+            })
+            .collect();
         let messages_delivered = Counter::default();
         registry.register(
             "websocket_messages_delivered",
@@ -128,7 +162,11 @@ impl Metrics {
             message_latency.clone(),
         );
         let message_size = Histogram::new(exponential_buckets(16.0, 4.0, 8));
-        registry.register("websocket_message_size_bytes", "Size of messages received from clients", message_size.clone());
+        registry.register(
+            "websocket_message_size_bytes",
+            "Size of messages received from clients",
+            message_size.clone(),
+        );
         let slow_consumers = Counter::default();
         registry.register(
             "websocket_slow_consumers",
@@ -136,11 +174,23 @@ impl Metrics {
             slow_consumers.clone(),
         );
         let closes = Family::<CodeLabel, Counter>::default();
-        registry.register("websocket_closes", "Connections closed by the server, by close code", closes.clone());
+        registry.register(
+            "websocket_closes",
+            "Connections closed by the server, by close code",
+            closes.clone(),
+        );
         let rooms = Gauge::default();
-        registry.register("websocket_rooms", "Rooms with at least one connection on this node", rooms.clone());
+        registry.register(
+            "websocket_rooms",
+            "Rooms with at least one connection on this node",
+            rooms.clone(),
+        );
         let draining = Gauge::default();
-        registry.register("switchyard_draining", "1 while this node is draining", draining.clone());
+        registry.register(
+            "switchyard_draining",
+            "1 while this node is draining",
+            draining.clone(),
+        );
         let backend_errors = Counter::default();
         registry.register(
             "switchyard_backend_errors",

@@ -10,16 +10,16 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use switchyard_proto::server::seed::SeedFrame;
 use switchyard_proto::{
-    ClientBody, ClientFrame, CloseCode, DecodeError, ErrorCode, Payload, Ref, RoomName, ServerFrame, StreamPosition,
-    UserId,
+    ClientBody, ClientFrame, CloseCode, DecodeError, ErrorCode, Payload, Ref, RoomName, ServerFrame,
+    StreamPosition, UserId,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
 use crate::backend::{
-    BackendError, Backends, DirectOutcome, DisconnectTarget, NewDirect, NewPublication, PresenceDiff, PublishOutcome,
-    Recovery, STATUS_DISCONNECTED, Session, SystemMessage,
+    BackendError, Backends, DirectOutcome, DisconnectTarget, NewDirect, NewPublication, PresenceDiff,
+    PublishOutcome, Recovery, STATUS_DISCONNECTED, Session, SystemMessage,
 };
 use crate::clock::{Clock, unix_ms};
 use crate::conn::{ConnId, ConnKind, Connection};
@@ -38,6 +38,10 @@ pub struct NodeSettings {
     pub max_rooms_per_connection: usize,
     /// Most publications one `history` request returns.
     pub max_history_limit: usize,
+    /// Most publications a rejoin replays; a larger gap gives `recovered: false`.
+    pub recovery_max_publications: usize,
+    /// Most payload bytes a rejoin replays; a larger gap gives `recovered: false`.
+    pub recovery_max_bytes: usize,
     /// Keepalive ping interval, ms.
     pub ping_interval_ms: u64,
     /// A connection silent for this long (no frame, no pong) is closed, ms.
@@ -52,6 +56,8 @@ impl Default for NodeSettings {
             queue: QueueLimits::default(),
             max_rooms_per_connection: 128,
             max_history_limit: 1000,
+            recovery_max_publications: 1000,
+            recovery_max_bytes: 8 * 1024 * 1024,
             ping_interval_ms: 25_000,
             idle_timeout_ms: 60_000,
             drain: DrainSettings::default(),
@@ -98,7 +104,10 @@ pub struct RequestError {
 
 impl RequestError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        RequestError { code, message: message.into() }
+        RequestError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -126,7 +135,12 @@ pub struct Node {
 
 impl Node {
     pub fn new(settings: NodeSettings, backends: Backends, metrics: Arc<Metrics>, clock: Clock) -> Arc<Self> {
-        let hub = Hub::new(backends.broker.clone(), clock.clone(), metrics.clone());
+        let hub = Hub::new(
+            backends.broker.clone(),
+            clock.clone(),
+            metrics.clone(),
+            settings.queue.capacity,
+        );
         Arc::new(Node {
             settings,
             hub,
@@ -152,7 +166,9 @@ impl Node {
     pub async fn authenticate(&self, session_id: &str) -> Result<(Session, UserId), AuthError> {
         let invalid = |why: &str| {
             self.metrics.failed(FailReason::Auth);
-            AuthError { close: CloseReason::new(CloseCode::InvalidSession, why) }
+            AuthError {
+                close: CloseReason::new(CloseCode::InvalidSession, why),
+            }
         };
         if session_id.is_empty() || session_id.len() > 128 {
             return Err(invalid("invalid session"));
@@ -166,7 +182,9 @@ impl Node {
             Err(e) => {
                 self.metrics.failed(FailReason::Backend);
                 tracing::warn!(error = %e, "session validation failed");
-                Err(AuthError { close: CloseReason::new(CloseCode::TryLater, "backend unavailable") })
+                Err(AuthError {
+                    close: CloseReason::new(CloseCode::TryLater, "backend unavailable"),
+                })
             }
         }
     }
@@ -240,7 +258,13 @@ impl Node {
     }
 
     /// Queues an `error` frame.
-    pub fn send_error(&self, conn: &Connection, code: ErrorCode, message: impl Into<String>, reference: Option<Ref>) {
+    pub fn send_error(
+        &self,
+        conn: &Connection,
+        code: ErrorCode,
+        message: impl Into<String>,
+        reference: Option<Ref>,
+    ) {
         self.reply(conn, &ServerFrame::error(code, message, reference));
     }
 
@@ -257,29 +281,44 @@ impl Node {
         let reference = frame.reference;
         let result = match frame.body {
             ClientBody::Auth { .. } => Err(RequestError::new(ErrorCode::BadRequest, "already authenticated")),
-            ClientBody::Join { room, since } => self.join(conn, &room, since.as_ref(), reference.clone()).await,
+            ClientBody::Join { room, since } => {
+                self.join(conn, &room, since.as_ref(), reference.clone()).await
+            }
             ClientBody::Leave { room } => self.leave(conn, &room).await.map(|()| {
-                self.reply(conn, &ServerFrame::Left { reference: reference.clone(), room });
+                self.reply(
+                    conn,
+                    &ServerFrame::Left {
+                        reference: reference.clone(),
+                        room,
+                    },
+                );
             }),
             ClientBody::Publish { room, data, id } => {
                 if conn.in_room(&room) {
-                    self.publish(&room, Some(conn.user.clone()), data, id).await.map(|outcome| {
-                        self.reply(
-                            conn,
-                            &ServerFrame::Ack {
-                                reference: reference.clone(),
-                                offset: Some(outcome.offset),
-                                seq: None,
-                                duplicate: outcome.duplicate,
-                            },
-                        );
-                    })
+                    self.publish(&room, Some(conn.user.clone()), data, id)
+                        .await
+                        .map(|outcome| {
+                            self.reply(
+                                conn,
+                                &ServerFrame::Ack {
+                                    reference: reference.clone(),
+                                    offset: Some(outcome.offset),
+                                    seq: None,
+                                    duplicate: outcome.duplicate,
+                                },
+                            );
+                        })
                 } else {
-                    Err(RequestError::new(ErrorCode::Forbidden, format!("join room {room} before publishing to it")))
+                    Err(RequestError::new(
+                        ErrorCode::Forbidden,
+                        format!("join room {room} before publishing to it"),
+                    ))
                 }
             }
-            ClientBody::Direct { to, data, id } => {
-                self.direct(&to, Some(conn.user.clone()), data, id).await.map(|outcome| {
+            ClientBody::Direct { to, data, id } => self
+                .direct(&to, Some(conn.user.clone()), data, id)
+                .await
+                .map(|outcome| {
                     self.reply(
                         conn,
                         &ServerFrame::Ack {
@@ -289,48 +328,96 @@ impl Node {
                             duplicate: outcome.duplicate,
                         },
                     );
-                })
-            }
-            ClientBody::Presence { room } => self.backends.presence.list(&room).await.map_err(Into::into).map(|users| {
-                self.reply(conn, &ServerFrame::Presence { reference: reference.clone(), room, users });
-            }),
-            ClientBody::History { room, since, limit } => {
-                let limit = limit.map_or(100, |l| l as usize).min(self.settings.max_history_limit);
-                self.backends.broker.history(&room, since, limit).await.map_err(Into::into).map(|page| {
+                }),
+            ClientBody::Presence { room } => self
+                .backends
+                .presence
+                .list(&room)
+                .await
+                .map_err(Into::into)
+                .map(|users| {
                     self.reply(
                         conn,
-                        &ServerFrame::History {
+                        &ServerFrame::Presence {
                             reference: reference.clone(),
                             room,
-                            offset: page.position.offset,
-                            epoch: page.position.epoch,
-                            publications: page.publications.iter().map(frames::history_item).collect(),
+                            users,
                         },
                     );
-                })
+                }),
+            ClientBody::History { room, since, limit } => {
+                let limit = limit
+                    .map_or(100, |l| l as usize)
+                    .min(self.settings.max_history_limit);
+                self.backends
+                    .broker
+                    .history(&room, since, limit)
+                    .await
+                    .map_err(Into::into)
+                    .map(|page| {
+                        self.reply(
+                            conn,
+                            &ServerFrame::History {
+                                reference: reference.clone(),
+                                room,
+                                offset: page.position.offset,
+                                epoch: page.position.epoch,
+                                publications: page.publications.iter().map(frames::history_item).collect(),
+                            },
+                        );
+                    })
             }
-            ClientBody::Refresh { .. } => {
-                Err(RequestError::new(ErrorCode::BadRequest, "token authentication is not enabled on this server"))
-            }
-            ClientBody::InboxAck { upto } => {
-                self.backends.broker.inbox_ack(&conn.user, upto).await.map_err(Into::into).map(|()| {
-                    self.reply(conn, &ServerFrame::Ack { reference: reference.clone(), offset: None, seq: None, duplicate: false });
-                })
-            }
+            ClientBody::Refresh { .. } => Err(RequestError::new(
+                ErrorCode::BadRequest,
+                "token authentication is not enabled on this server",
+            )),
+            ClientBody::InboxAck { upto } => self
+                .backends
+                .broker
+                .inbox_ack(&conn.user, upto)
+                .await
+                .map_err(Into::into)
+                .map(|()| {
+                    self.reply(
+                        conn,
+                        &ServerFrame::Ack {
+                            reference: reference.clone(),
+                            offset: None,
+                            seq: None,
+                            duplicate: false,
+                        },
+                    );
+                }),
             ClientBody::Ping => {
-                self.reply(conn, &ServerFrame::Pong { reference: reference.clone() });
+                self.reply(
+                    conn,
+                    &ServerFrame::Pong {
+                        reference: reference.clone(),
+                    },
+                );
                 Ok(())
             }
         };
         if let Err(e) = result {
             self.send_error(conn, e.code, e.message, reference);
         }
-        self.metrics.message_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .message_latency
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Queues an error frame in the seed's format.
     pub fn send_seed_error(&self, conn: &Connection, code: ErrorCode, message: impl Into<String>) {
-        self.hub.send(conn, Utf8Bytes::from(SeedFrame::Error { code, message: Some(message.into()) }.encode()));
+        self.hub.send(
+            conn,
+            Utf8Bytes::from(
+                SeedFrame::Error {
+                    code,
+                    message: Some(message.into()),
+                }
+                .encode(),
+            ),
+        );
     }
 
     /// Handles one text frame of the seed protocol: `{"message": ...}` is published to the room.
@@ -364,10 +451,15 @@ impl Node {
                     serde_json::Value::Bool(_) => "bool",
                     _ => "NoneType",
                 };
-                seed_error(ErrorCode::InternalError, format!("a message must be a JSON object, not {kind}"));
+                seed_error(
+                    ErrorCode::InternalError,
+                    format!("a message must be a JSON object, not {kind}"),
+                );
             }
         }
-        self.metrics.message_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .message_latency
+            .observe(started.elapsed().as_secs_f64());
     }
 
     async fn join(
@@ -378,12 +470,18 @@ impl Node {
         reference: Option<Ref>,
     ) -> Result<(), RequestError> {
         if conn.in_room(room) {
-            return Err(RequestError::new(ErrorCode::BadRequest, format!("already joined room {room}")));
+            return Err(RequestError::new(
+                ErrorCode::BadRequest,
+                format!("already joined room {room}"),
+            ));
         }
         if conn.room_count() >= self.settings.max_rooms_per_connection {
             return Err(RequestError::new(
                 ErrorCode::BadRequest,
-                format!("a connection may join at most {} rooms", self.settings.max_rooms_per_connection),
+                format!(
+                    "a connection may join at most {} rooms",
+                    self.settings.max_rooms_per_connection
+                ),
             ));
         }
         self.hub.begin_join(room, conn);
@@ -391,7 +489,12 @@ impl Node {
             self.hub.sync_subscription(room).await?;
             match since {
                 Some(since) => self.backends.broker.recover(room, since).await,
-                None => self.backends.broker.position(room).await.map(|position| Recovery::NotRecovered { position }),
+                None => self
+                    .backends
+                    .broker
+                    .position(room)
+                    .await
+                    .map(|position| Recovery::NotRecovered { position }),
             }
         }
         .await;
@@ -405,8 +508,13 @@ impl Node {
             }
         };
         let (position, recovered, backlog) = match recovery {
-            Recovery::Recovered { position, publications } => (position, true, publications),
-            Recovery::NotRecovered { position } => (position, false, Vec::new()),
+            Recovery::Recovered {
+                position,
+                publications,
+            } if self.replayable(&publications) => (position, true, publications),
+            Recovery::Recovered { position, .. } | Recovery::NotRecovered { position } => {
+                (position, false, Vec::new())
+            }
         };
         let reply = (conn.kind == ConnKind::Native).then(|| {
             frames::text(&ServerFrame::Joined {
@@ -417,10 +525,15 @@ impl Node {
                 recovered,
             })
         });
-        self.hub.complete_join(room, conn, reply, &backlog, position.offset);
+        self.hub
+            .complete_join(room, conn, reply, &backlog, position.offset);
         match self.backends.presence.add(room, &conn.user, conn.id).await {
             Ok(true) => {
-                let diff = PresenceDiff { room: room.clone(), joins: vec![conn.user.clone()], leaves: vec![] };
+                let diff = PresenceDiff {
+                    room: room.clone(),
+                    joins: vec![conn.user.clone()],
+                    leaves: vec![],
+                };
                 if let Err(e) = self.backends.broker.presence_event(&diff).await {
                     tracing::warn!(error = %e, %room, "presence event not sent");
                 }
@@ -431,9 +544,19 @@ impl Node {
         Ok(())
     }
 
+    /// Whether a recovery backlog is within the replay limits (all or nothing, rule 4).
+    fn replayable(&self, publications: &[Arc<crate::backend::Publication>]) -> bool {
+        publications.len() <= self.settings.recovery_max_publications
+            && publications.iter().map(|p| p.data.get().len()).sum::<usize>()
+                <= self.settings.recovery_max_bytes
+    }
+
     async fn leave(&self, conn: &Arc<Connection>, room: &RoomName) -> Result<(), RequestError> {
         if !self.hub.leave(room, conn) {
-            return Err(RequestError::new(ErrorCode::BadRequest, format!("not in room {room}")));
+            return Err(RequestError::new(
+                ErrorCode::BadRequest,
+                format!("not in room {room}"),
+            ));
         }
         self.after_leave(conn, room).await;
         Ok(())
@@ -445,7 +568,11 @@ impl Node {
         }
         match self.backends.presence.remove(room, &conn.user, conn.id).await {
             Ok(true) => {
-                let diff = PresenceDiff { room: room.clone(), joins: vec![], leaves: vec![conn.user.clone()] };
+                let diff = PresenceDiff {
+                    room: room.clone(),
+                    joins: vec![],
+                    leaves: vec![conn.user.clone()],
+                };
                 if let Err(e) = self.backends.broker.presence_event(&diff).await {
                     tracing::warn!(error = %e, %room, "presence event not sent");
                 }
@@ -463,7 +590,11 @@ impl Node {
             self.after_leave(conn, room).await;
         }
         if last_of_session
-            && let Err(e) = self.backends.sessions.set_status(&conn.session_id, STATUS_DISCONNECTED).await
+            && let Err(e) = self
+                .backends
+                .sessions
+                .set_status(&conn.session_id, STATUS_DISCONNECTED)
+                .await
         {
             tracing::warn!(error = %e, "session status not updated");
         }
@@ -481,10 +612,14 @@ impl Node {
         data: Payload,
         id: Option<String>,
     ) -> Result<PublishOutcome, RequestError> {
-        self.backends.broker.publish(room, NewPublication { from, data, id }).await.map_err(|e| {
-            self.metrics.backend_errors.inc();
-            e.into()
-        })
+        self.backends
+            .broker
+            .publish(room, NewPublication { from, data, id })
+            .await
+            .map_err(|e| {
+                self.metrics.backend_errors.inc();
+                e.into()
+            })
     }
 
     /// Sends a direct message to every connection of `to`, keeping it in the inbox until acked.
@@ -495,12 +630,20 @@ impl Node {
         data: Payload,
         id: Option<String>,
     ) -> Result<DirectOutcome, RequestError> {
-        self.backends.broker.send_direct(to, NewDirect { from, data, id }).await.map_err(Into::into)
+        self.backends
+            .broker
+            .send_direct(to, NewDirect { from, data, id })
+            .await
+            .map_err(Into::into)
     }
 
     /// Sends a `system` frame to every connection on every node.
     pub async fn broadcast(&self, data: Payload) -> Result<(), RequestError> {
-        self.backends.broker.broadcast(SystemMessage { data, ts: unix_ms() }).await.map_err(Into::into)
+        self.backends
+            .broker
+            .broadcast(SystemMessage { data, ts: unix_ms() })
+            .await
+            .map_err(Into::into)
     }
 
     /// Closes a user's or a session's connections on every node.
@@ -518,7 +661,8 @@ impl Node {
                 continue;
             }
             if now.saturating_sub(conn.last_seen_ms()) > self.settings.idle_timeout_ms {
-                conn.queue.close(CloseReason::new(CloseCode::GoingAway, "idle timeout"));
+                conn.queue
+                    .close(CloseReason::new(CloseCode::GoingAway, "idle timeout"));
             } else if conn.ping_due(now, self.settings.ping_interval_ms) {
                 let _ = conn.queue.push(Outbound::Ping, now);
             }
@@ -544,9 +688,18 @@ impl Node {
         self.mark_draining();
         let settings = self.settings.drain;
         let deadline = tokio::time::Instant::now() + settings.timeout;
-        tracing::info!(connections = self.hub.connection_count(), timeout_s = settings.timeout.as_secs_f64(), "draining");
+        tracing::info!(
+            connections = self.hub.connection_count(),
+            timeout_s = settings.timeout.as_secs_f64(),
+            "draining"
+        );
         'batches: loop {
-            let waiting: Vec<_> = self.hub.connections().into_iter().filter(|c| !c.queue.is_closing()).collect();
+            let waiting: Vec<_> = self
+                .hub
+                .connections()
+                .into_iter()
+                .filter(|c| !c.queue.is_closing())
+                .collect();
             if waiting.is_empty() {
                 break;
             }
@@ -554,12 +707,24 @@ impl Node {
                 for conn in batch {
                     let after_ms = rand::rng().random_range(0..=settings.reconnect_jitter_ms);
                     if conn.kind == ConnKind::Native {
-                        self.hub.send(conn, frames::text(&ServerFrame::Reconnect { after_ms, reason: "draining".into() }));
+                        self.hub.send(
+                            conn,
+                            frames::text(&ServerFrame::Reconnect {
+                                after_ms,
+                                reason: "draining".into(),
+                            }),
+                        );
                     }
-                    conn.queue.close(CloseReason::new(CloseCode::ServiceRestart, "draining"));
+                    conn.queue
+                        .close(CloseReason::new(CloseCode::ServiceRestart, "draining"));
                 }
-                let pause = settings.batch_interval.mul_f64(rand::rng().random_range(0.5..1.5));
-                if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
+                let pause = settings
+                    .batch_interval
+                    .mul_f64(rand::rng().random_range(0.5..1.5));
+                if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+                    .await
+                    .is_err()
+                {
                     break 'batches;
                 }
             }

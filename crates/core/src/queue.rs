@@ -26,7 +26,11 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        QueueLimits { capacity: 1500, max_bytes: 8 * 1024 * 1024, expiry_ms: 10_000 }
+        QueueLimits {
+            capacity: 1500,
+            max_bytes: 8 * 1024 * 1024,
+            expiry_ms: 10_000,
+        }
     }
 }
 
@@ -56,7 +60,10 @@ pub struct CloseReason {
 
 impl CloseReason {
     pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
-        CloseReason { code, reason: reason.into() }
+        CloseReason {
+            code,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -72,6 +79,10 @@ struct Inner {
     items: VecDeque<(Outbound, u64)>,
     bytes: usize,
     close: Option<CloseReason>,
+    /// Frames and bytes of a recovery backlog queued on top of the limits; cleared when the writer
+    /// takes the queue.
+    extra_items: usize,
+    extra_bytes: usize,
 }
 
 /// What the writer takes from the queue.
@@ -90,7 +101,11 @@ pub struct OutboundQueue {
 
 impl OutboundQueue {
     pub fn new(limits: QueueLimits) -> Self {
-        OutboundQueue { inner: Mutex::new(Inner::default()), ready: Notify::new(), limits }
+        OutboundQueue {
+            inner: Mutex::new(Inner::default()),
+            ready: Notify::new(),
+            limits,
+        }
     }
 
     /// Queues one frame, stamped with the coarse time `now_ms`.
@@ -100,10 +115,19 @@ impl OutboundQueue {
             return Err(PushError::Closed);
         }
         let len = frame.len();
-        let too_old = inner.items.front().is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
-        if inner.items.len() >= self.limits.capacity || inner.bytes + len > self.limits.max_bytes || too_old {
+        let too_old = inner
+            .items
+            .front()
+            .is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
+        if inner.items.len() >= self.limits.capacity + inner.extra_items
+            || inner.bytes + len > self.limits.max_bytes + inner.extra_bytes
+            || too_old
+        {
             let reason = if too_old {
-                format!("slow consumer: a queued message waited over {} ms", self.limits.expiry_ms)
+                format!(
+                    "slow consumer: a queued message waited over {} ms",
+                    self.limits.expiry_ms
+                )
             } else {
                 format!(
                     "slow consumer: outbound queue full ({} messages / {} bytes)",
@@ -120,6 +144,33 @@ impl OutboundQueue {
         let was_empty = inner.items.is_empty();
         inner.items.push_back((frame, now_ms));
         inner.bytes += len;
+        drop(inner);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a recovery backlog (the `joined` reply and the missed publications) on top of the
+    /// limits: it was bounded by the caller, and the live limits apply again once the writer has
+    /// taken it.
+    pub fn push_backlog(
+        &self,
+        frames: impl IntoIterator<Item = Outbound>,
+        now_ms: u64,
+    ) -> Result<(), PushError> {
+        let mut inner = self.inner.lock();
+        if inner.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        let was_empty = inner.items.is_empty();
+        for frame in frames {
+            let len = frame.len();
+            inner.items.push_back((frame, now_ms));
+            inner.bytes += len;
+            inner.extra_items += 1;
+            inner.extra_bytes += len;
+        }
         drop(inner);
         if was_empty {
             self.ready.notify_one();
@@ -148,13 +199,19 @@ impl OutboundQueue {
     pub fn check_expiry(&self, now_ms: u64) -> bool {
         let mut inner = self.inner.lock();
         let expired = inner.close.is_none()
-            && inner.items.front().is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
+            && inner
+                .items
+                .front()
+                .is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
         if expired {
             inner.items = VecDeque::new();
             inner.bytes = 0;
             inner.close = Some(CloseReason::new(
                 CloseCode::SlowConsumer,
-                format!("slow consumer: a queued message waited over {} ms", self.limits.expiry_ms),
+                format!(
+                    "slow consumer: a queued message waited over {} ms",
+                    self.limits.expiry_ms
+                ),
             ));
             drop(inner);
             self.ready.notify_one();
@@ -175,11 +232,30 @@ impl OutboundQueue {
         }
     }
 
+    /// Waits until the queue overflowed (a 4008 close). The writer awaits this while a write is
+    /// blocked, so that a slow consumer is cut off at once instead of at the write timeout. (Only
+    /// one task waits on the queue at a time, so `ready` and this can share one `Notify`.)
+    pub async fn overflowed(&self) -> CloseReason {
+        loop {
+            if let Some(close) = &self.inner.lock().close
+                && close.code == CloseCode::SlowConsumer
+            {
+                return close.clone();
+            }
+            self.ready.notified().await;
+        }
+    }
+
     /// Takes everything queued (and the close request, if any).
     pub fn take(&self) -> Batch {
         let mut inner = self.inner.lock();
         inner.bytes = 0;
-        Batch { frames: std::mem::take(&mut inner.items), close: inner.close.clone() }
+        inner.extra_items = 0;
+        inner.extra_bytes = 0;
+        Batch {
+            frames: std::mem::take(&mut inner.items),
+            close: inner.close.clone(),
+        }
     }
 
     /// Frames waiting now.
@@ -202,23 +278,38 @@ mod tests {
 
     #[test]
     fn overflow_by_count_closes_with_4008() {
-        let q = OutboundQueue::new(QueueLimits { capacity: 2, max_bytes: 1000, expiry_ms: 10_000 });
+        let q = OutboundQueue::new(QueueLimits {
+            capacity: 2,
+            max_bytes: 1000,
+            expiry_ms: 10_000,
+        });
         q.push(text("a"), 0).unwrap();
         q.push(text("b"), 0).unwrap();
         assert_eq!(q.push(text("c"), 0), Err(PushError::SlowConsumer));
         let batch = q.take();
-        assert!(batch.frames.is_empty(), "an overflowing queue is discarded, not half-sent");
+        assert!(
+            batch.frames.is_empty(),
+            "an overflowing queue is discarded, not half-sent"
+        );
         assert_eq!(batch.close.unwrap().code, CloseCode::SlowConsumer);
         assert_eq!(q.push(text("d"), 0), Err(PushError::Closed));
     }
 
     #[test]
     fn overflow_by_bytes_and_by_age() {
-        let q = OutboundQueue::new(QueueLimits { capacity: 100, max_bytes: 5, expiry_ms: 10_000 });
+        let q = OutboundQueue::new(QueueLimits {
+            capacity: 100,
+            max_bytes: 5,
+            expiry_ms: 10_000,
+        });
         q.push(text("abc"), 0).unwrap();
         assert_eq!(q.push(text("abc"), 0), Err(PushError::SlowConsumer));
 
-        let q = OutboundQueue::new(QueueLimits { capacity: 100, max_bytes: 100, expiry_ms: 10 });
+        let q = OutboundQueue::new(QueueLimits {
+            capacity: 100,
+            max_bytes: 100,
+            expiry_ms: 10,
+        });
         q.push(text("a"), 0).unwrap();
         q.push(text("b"), 10).unwrap();
         assert_eq!(q.push(text("c"), 11), Err(PushError::SlowConsumer));
@@ -226,7 +317,11 @@ mod tests {
 
     #[test]
     fn sweeper_expiry_and_draining_take() {
-        let q = OutboundQueue::new(QueueLimits { capacity: 100, max_bytes: 100, expiry_ms: 10 });
+        let q = OutboundQueue::new(QueueLimits {
+            capacity: 100,
+            max_bytes: 100,
+            expiry_ms: 10,
+        });
         q.push(text("a"), 0).unwrap();
         assert!(!q.check_expiry(10));
         let batch = q.take();
@@ -246,6 +341,34 @@ mod tests {
         let batch = q.take();
         assert_eq!(batch.frames.len(), 1);
         assert_eq!(batch.close.unwrap().code, CloseCode::ServiceRestart);
+    }
+
+    #[test]
+    fn backlog_goes_beyond_the_limits_until_taken() {
+        let q = OutboundQueue::new(QueueLimits {
+            capacity: 2,
+            max_bytes: 100,
+            expiry_ms: 10_000,
+        });
+        q.push_backlog((0..5).map(|_| text("abc")), 0).unwrap();
+        q.push(text("live"), 0).unwrap();
+        q.push(text("live"), 0).unwrap();
+        assert_eq!(
+            q.push(text("live"), 0),
+            Err(PushError::SlowConsumer),
+            "live frames still have their own limit"
+        );
+
+        let q = OutboundQueue::new(QueueLimits {
+            capacity: 2,
+            max_bytes: 100,
+            expiry_ms: 10_000,
+        });
+        q.push_backlog((0..5).map(|_| text("abc")), 0).unwrap();
+        assert_eq!(q.take().frames.len(), 5);
+        q.push(text("a"), 0).unwrap();
+        q.push(text("b"), 0).unwrap();
+        assert_eq!(q.push(text("c"), 0), Err(PushError::SlowConsumer));
     }
 
     #[tokio::test]

@@ -20,7 +20,10 @@ impl<K: Hash + Eq, V> Default for ShardedMap<K, V> {
 
 impl<K: Hash + Eq, V> ShardedMap<K, V> {
     pub fn new() -> Self {
-        ShardedMap { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), hasher: RandomState::new() }
+        ShardedMap {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
     }
 
     /// Locks the shard that holds `key`.

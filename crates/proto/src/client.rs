@@ -30,14 +30,18 @@ pub struct ClientFrame {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientBody {
     /// Authenticate with a session id (alternative to the `?session=` query parameter).
-    Auth { session: String },
+    Auth {
+        session: String,
+    },
     /// Join a room; with `since`, recover what was missed after that position.
     Join {
         room: RoomName,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<StreamPosition>,
     },
-    Leave { room: RoomName },
+    Leave {
+        room: RoomName,
+    },
     /// Publish to a joined room. `id` makes the publish idempotent within the dedup window.
     Publish {
         room: RoomName,
@@ -52,7 +56,9 @@ pub enum ClientBody {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<String>,
     },
-    Presence { room: RoomName },
+    Presence {
+        room: RoomName,
+    },
     /// Read a room's history: publications with an offset greater than `since` (default 0).
     History {
         room: RoomName,
@@ -61,9 +67,13 @@ pub enum ClientBody {
         #[serde(skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
-    Refresh { token: String },
+    Refresh {
+        token: String,
+    },
     /// Acknowledge inbox messages up to and including `upto` (a `direct` frame's `seq`).
-    InboxAck { upto: u64 },
+    InboxAck {
+        upto: u64,
+    },
     Ping,
 }
 
@@ -87,11 +97,17 @@ impl ClientBody {
 
 impl ClientFrame {
     pub fn new(body: ClientBody) -> Self {
-        ClientFrame { reference: None, body }
+        ClientFrame {
+            reference: None,
+            body,
+        }
     }
 
     pub fn with_ref(reference: Ref, body: ClientBody) -> Self {
-        ClientFrame { reference: Some(reference), body }
+        ClientFrame {
+            reference: Some(reference),
+            body,
+        }
     }
 
     /// Encodes the frame as JSON text.
@@ -140,10 +156,14 @@ struct Envelope<'a> {
 }
 
 fn bad(message: impl Into<String>, reference: &Option<Ref>) -> DecodeError {
-    DecodeError { code: ErrorCode::BadRequest, message: message.into(), reference: reference.clone() }
+    DecodeError {
+        code: ErrorCode::BadRequest,
+        message: message.into(),
+        reference: reference.clone(),
+    }
 }
 
-fn required<'a, T>(field: Option<T>, name: &str, kind: &str, r: &Option<Ref>) -> Result<T, DecodeError> {
+fn required<T>(field: Option<T>, name: &str, kind: &str, r: &Option<Ref>) -> Result<T, DecodeError> {
     field.ok_or_else(|| bad(format!("missing field `{name}` for `{kind}`"), r))
 }
 
@@ -156,9 +176,10 @@ fn idempotency_id(field: Option<Cow<'_, str>>, r: &Option<Ref>) -> Result<Option
     match field {
         None => Ok(None),
         Some(id) if id.is_empty() => Err(bad("id must not be empty", r)),
-        Some(id) if id.len() > MAX_ID_BYTES => {
-            Err(bad(format!("id is {} bytes long; the limit is {MAX_ID_BYTES}", id.len()), r))
-        }
+        Some(id) if id.len() > MAX_ID_BYTES => Err(bad(
+            format!("id is {} bytes long; the limit is {MAX_ID_BYTES}", id.len()),
+            r,
+        )),
         Some(id) => Ok(Some(id.into_owned())),
     }
 }
@@ -195,17 +216,27 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
     };
     let kind = env.kind.ok_or_else(|| bad("missing field `type`", &r))?;
     let body = match &*kind {
-        "auth" => ClientBody::Auth { session: required(env.session, "session", &kind, &r)?.into_owned() },
+        "auth" => ClientBody::Auth {
+            session: required(env.session, "session", &kind, &r)?.into_owned(),
+        },
         "join" => {
             let since = match env.since {
                 None => None,
                 Some(raw) => Some(serde_json::from_str::<StreamPosition>(raw.get()).map_err(|e| {
-                    bad(format!("since must be {{\"offset\": <integer>, \"epoch\": <string>}}: {e}"), &r)
+                    bad(
+                        format!("since must be {{\"offset\": <integer>, \"epoch\": <string>}}: {e}"),
+                        &r,
+                    )
                 })?),
             };
-            ClientBody::Join { room: room(env.room, &kind, &r)?, since }
+            ClientBody::Join {
+                room: room(env.room, &kind, &r)?,
+                since,
+            }
         }
-        "leave" => ClientBody::Leave { room: room(env.room, &kind, &r)? },
+        "leave" => ClientBody::Leave {
+            room: room(env.room, &kind, &r)?,
+        },
         "publish" => ClientBody::Publish {
             room: room(env.room, &kind, &r)?,
             data: payload(env.data, &kind, &r)?,
@@ -219,7 +250,9 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
                 id: idempotency_id(env.id, &r)?,
             }
         }
-        "presence" => ClientBody::Presence { room: room(env.room, &kind, &r)? },
+        "presence" => ClientBody::Presence {
+            room: room(env.room, &kind, &r)?,
+        },
         "history" => {
             let since = match env.since {
                 None => None,
@@ -233,10 +266,18 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
                 Some(0) => return Err(bad("limit must be at least 1", &r)),
                 Some(n) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
             };
-            ClientBody::History { room: room(env.room, &kind, &r)?, since, limit }
+            ClientBody::History {
+                room: room(env.room, &kind, &r)?,
+                since,
+                limit,
+            }
         }
-        "refresh" => ClientBody::Refresh { token: required(env.token, "token", &kind, &r)?.into_owned() },
-        "inbox_ack" => ClientBody::InboxAck { upto: required(env.upto, "upto", &kind, &r)? },
+        "refresh" => ClientBody::Refresh {
+            token: required(env.token, "token", &kind, &r)?.into_owned(),
+        },
+        "inbox_ack" => ClientBody::InboxAck {
+            upto: required(env.upto, "upto", &kind, &r)?,
+        },
         "ping" => ClientBody::Ping,
         other => {
             let mut shown: String = other.chars().take(64).collect();
@@ -275,8 +316,10 @@ mod tests {
 
     #[test]
     fn decodes_publish_with_escapes() {
-        let f = decode_client_frame(r#"{"type":"publish","room":"r\u0031","data":{"a":[1,"x"]},"id":"k","ref":3}"#)
-            .unwrap();
+        let f = decode_client_frame(
+            r#"{"type":"publish","room":"r\u0031","data":{"a":[1,"x"]},"id":"k","ref":3}"#,
+        )
+        .unwrap();
         assert_eq!(f.reference, Some(Ref::Num(3)));
         match f.body {
             ClientBody::Publish { room, data, id } => {

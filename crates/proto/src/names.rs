@@ -41,7 +41,10 @@ impl RoomName {
             return Err(NameError::Empty { what: WHAT });
         }
         if name.len() > MAX_NAME_BYTES {
-            return Err(NameError::TooLong { what: WHAT, len: name.len() });
+            return Err(NameError::TooLong {
+                what: WHAT,
+                len: name.len(),
+            });
         }
         if let Some(ch) = name.chars().find(|c| !is_room_char(*c)) {
             return Err(NameError::BadRoomChar { what: WHAT, ch });
@@ -90,7 +93,10 @@ impl UserId {
             return Err(NameError::Empty { what: WHAT });
         }
         if id.len() > MAX_NAME_BYTES {
-            return Err(NameError::TooLong { what: WHAT, len: id.len() });
+            return Err(NameError::TooLong {
+                what: WHAT,
+                len: id.len(),
+            });
         }
         if id.chars().any(char::is_control) {
             return Err(NameError::ControlChar { what: WHAT });
@@ -137,10 +143,19 @@ mod tests {
         assert!(RoomName::parse("chat_lobby").is_ok());
         assert!(RoomName::parse("a.b:c@d=e-f").is_ok());
         assert!(RoomName::parse(&"x".repeat(255)).is_ok());
-        assert!(matches!(RoomName::parse(&"x".repeat(256)), Err(NameError::TooLong { len: 256, .. })));
+        assert!(matches!(
+            RoomName::parse(&"x".repeat(256)),
+            Err(NameError::TooLong { len: 256, .. })
+        ));
         assert!(matches!(RoomName::parse(""), Err(NameError::Empty { .. })));
-        assert!(matches!(RoomName::parse("a b"), Err(NameError::BadRoomChar { ch: ' ', .. })));
-        assert!(matches!(RoomName::parse("a/b"), Err(NameError::BadRoomChar { ch: '/', .. })));
+        assert!(matches!(
+            RoomName::parse("a b"),
+            Err(NameError::BadRoomChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            RoomName::parse("a/b"),
+            Err(NameError::BadRoomChar { ch: '/', .. })
+        ));
         assert!(matches!(RoomName::parse("é"), Err(NameError::BadRoomChar { .. })));
     }
 

@@ -66,7 +66,9 @@ impl<'de> Deserialize<'de> for Payload {
     /// where a borrowed raw value is not available.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(d)?;
-        serde_json::value::to_raw_value(&value).map(Payload).map_err(serde::de::Error::custom)
+        serde_json::value::to_raw_value(&value)
+            .map(Payload)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -89,7 +91,10 @@ impl Ref {
         if let Ref::Str(s) = &parsed
             && s.len() > MAX_REF_BYTES
         {
-            return Err(format!("ref is {} bytes long; the limit is {MAX_REF_BYTES}", s.len()));
+            return Err(format!(
+                "ref is {} bytes long; the limit is {MAX_REF_BYTES}",
+                s.len()
+            ));
         }
         Ok(parsed)
     }

@@ -149,7 +149,11 @@ impl ServerFrame {
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>, reference: Option<Ref>) -> Self {
-        ServerFrame::Error { code, message: message.into(), reference }
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            reference,
+        }
     }
 }
 
@@ -165,7 +169,12 @@ pub mod seed {
     #[serde(tag = "type", rename_all = "snake_case")]
     pub enum SeedFrame {
         /// Sent once after the connection is accepted.
-        Welcome { session_id: String, user_id: String, room: String, message: String },
+        Welcome {
+            session_id: String,
+            user_id: String,
+            room: String,
+            message: String,
+        },
         /// A message broadcast to the room (`chat_{room}`); `user_id` is the sender.
         Message {
             message: Payload,

@@ -32,7 +32,11 @@ fn payload() -> impl Strategy<Value = Payload> {
 }
 
 fn reference() -> impl Strategy<Value = Option<Ref>> {
-    prop_oneof![Just(None), any::<u64>().prop_map(|n| Some(Ref::Num(n))), "[a-z0-9]{0,10}".prop_map(|s| Some(Ref::Str(s)))]
+    prop_oneof![
+        Just(None),
+        any::<u64>().prop_map(|n| Some(Ref::Num(n))),
+        "[a-z0-9]{0,10}".prop_map(|s| Some(Ref::Str(s)))
+    ]
 }
 
 fn position() -> impl Strategy<Value = StreamPosition> {
@@ -51,7 +55,11 @@ fn client_body() -> impl Strategy<Value = ClientBody> {
         (room(), payload(), id()).prop_map(|(room, data, id)| ClientBody::Publish { room, data, id }),
         (user(), payload(), id()).prop_map(|(to, data, id)| ClientBody::Direct { to, data, id }),
         room().prop_map(|room| ClientBody::Presence { room }),
-        (room(), proptest::option::of(any::<u64>()), proptest::option::of(1u32..))
+        (
+            room(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(1u32..)
+        )
             .prop_map(|(room, since, limit)| ClientBody::History { room, since, limit }),
         ".{1,30}".prop_map(|token| ClientBody::Refresh { token }),
         any::<u64>().prop_map(|upto| ClientBody::InboxAck { upto }),
@@ -61,25 +69,78 @@ fn client_body() -> impl Strategy<Value = ClientBody> {
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
-        ("[a-f0-9-]{1,36}", user(), "[a-z0-9-]{1,10}", any::<u32>())
-            .prop_map(|(session_id, user_id, node, inbox)| ServerFrame::Welcome { session_id, user_id, node, inbox }),
+        ("[a-f0-9-]{1,36}", user(), "[a-z0-9-]{1,10}", any::<u32>()).prop_map(
+            |(session_id, user_id, node, inbox)| ServerFrame::Welcome {
+                session_id,
+                user_id,
+                node,
+                inbox
+            }
+        ),
         (reference(), room(), position(), any::<bool>()).prop_map(|(reference, room, p, recovered)| {
-            ServerFrame::Joined { reference, room, offset: p.offset, epoch: p.epoch, recovered }
+            ServerFrame::Joined {
+                reference,
+                room,
+                offset: p.offset,
+                epoch: p.epoch,
+                recovered,
+            }
         }),
-        (room(), any::<u64>(), proptest::option::of(user()), payload(), any::<u64>(), id())
-            .prop_map(|(room, offset, from, data, ts, id)| ServerFrame::Message { room, offset, from, data, ts, id }),
-        (proptest::option::of(user()), payload(), any::<u64>(), any::<u64>(), id())
-            .prop_map(|(from, data, ts, seq, id)| ServerFrame::Direct { from, data, ts, seq, id }),
-        (room(), prop::collection::vec(user(), 0..3), prop::collection::vec(user(), 0..3))
+        (
+            room(),
+            any::<u64>(),
+            proptest::option::of(user()),
+            payload(),
+            any::<u64>(),
+            id()
+        )
+            .prop_map(|(room, offset, from, data, ts, id)| ServerFrame::Message {
+                room,
+                offset,
+                from,
+                data,
+                ts,
+                id
+            }),
+        (
+            proptest::option::of(user()),
+            payload(),
+            any::<u64>(),
+            any::<u64>(),
+            id()
+        )
+            .prop_map(|(from, data, ts, seq, id)| ServerFrame::Direct {
+                from,
+                data,
+                ts,
+                seq,
+                id
+            }),
+        (
+            room(),
+            prop::collection::vec(user(), 0..3),
+            prop::collection::vec(user(), 0..3)
+        )
             .prop_map(|(room, joins, leaves)| ServerFrame::PresenceDiff { room, joins, leaves }),
-        (reference(), proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), any::<bool>())
-            .prop_map(|(reference, offset, seq, duplicate)| ServerFrame::Ack { reference, offset, seq, duplicate }),
+        (
+            reference(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            any::<bool>()
+        )
+            .prop_map(|(reference, offset, seq, duplicate)| ServerFrame::Ack {
+                reference,
+                offset,
+                seq,
+                duplicate
+            }),
         (reference(), ".{0,40}").prop_map(|(reference, message)| ServerFrame::Error {
             code: ErrorCode::BadRequest,
             message,
             reference
         }),
-        (any::<u64>(), "[a-z ]{0,20}").prop_map(|(after_ms, reason)| ServerFrame::Reconnect { after_ms, reason }),
+        (any::<u64>(), "[a-z ]{0,20}")
+            .prop_map(|(after_ms, reason)| ServerFrame::Reconnect { after_ms, reason }),
         (payload(), any::<u64>()).prop_map(|(data, ts)| ServerFrame::System { data, ts }),
         reference().prop_map(|reference| ServerFrame::Pong { reference }),
     ]

@@ -39,7 +39,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -73,7 +77,14 @@ impl From<switchyard_core::backend::BackendError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ApiErrorBody { code: self.code.as_str().to_string(), message: self.message })).into_response()
+        (
+            self.status,
+            Json(ApiErrorBody {
+                code: self.code.as_str().to_string(),
+                message: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -130,9 +141,12 @@ fn payload(value: &serde_json::Value) -> Result<Payload, ApiError> {
 
 fn idempotency_id(id: Option<String>) -> Result<Option<String>, ApiError> {
     match id {
-        Some(id) if id.is_empty() || id.len() > switchyard_proto::client::MAX_ID_BYTES => Err(ApiError::bad_request(
-            format!("id must be 1 to {} bytes long", switchyard_proto::client::MAX_ID_BYTES),
-        )),
+        Some(id) if id.is_empty() || id.len() > switchyard_proto::client::MAX_ID_BYTES => {
+            Err(ApiError::bad_request(format!(
+                "id must be 1 to {} bytes long",
+                switchyard_proto::client::MAX_ID_BYTES
+            )))
+        }
         other => Ok(other),
     }
 }
@@ -146,10 +160,19 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     if !path.starts_with("/api/") || path == "/api/openapi.json" {
         return next.run(req).await;
     }
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(key) if constant_time_eq(key.as_bytes(), expected.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "invalid API key").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "invalid API key",
+        )
+        .into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
@@ -213,7 +236,9 @@ impl From<Session> for SessionView {
 /// Python's `datetime.utcnow().isoformat()`, as the seed's SessionManager writes `created_at`.
 fn seed_timestamp() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]");
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"
+    );
     now.format(&format).unwrap_or_default()
 }
 
@@ -242,27 +267,45 @@ async fn create_session(
     }
     let id = uuid::Uuid::new_v4().to_string();
     let session = state.node().backends.sessions.create(&id, &record).await?;
-    Ok((StatusCode::CREATED, Json(CreatedSession { session_id: session.id, expires_in: session.expires_in })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedSession {
+            session_id: session.id,
+            expires_in: session.expires_in,
+        }),
+    ))
 }
 
 /// Read a session without extending it.
 #[utoipa::path(get, path = "/api/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "session id")),
     responses((status = 200, body = SessionView), (status = 404, body = ApiErrorBody)))]
-async fn get_session(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<SessionView>, ApiError> {
+async fn get_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
     match state.node().backends.sessions.get(&id).await? {
         Some(session) => Ok(Json(session.into())),
-        None => Err(ApiError::not_found(format!("no session {id} (never created, expired or deleted)"))),
+        None => Err(ApiError::not_found(format!(
+            "no session {id} (never created, expired or deleted)"
+        ))),
     }
 }
 
 /// Terminate a session: delete it and close its connections with 4001.
 #[utoipa::path(delete, path = "/api/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "session id")),
     responses((status = 204), (status = 404, body = ApiErrorBody)))]
-async fn delete_session(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_session(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let node = state.node();
     let existed = node.backends.sessions.delete(&id).await?;
     node.disconnect(&DisconnectTarget::Session(id.clone())).await?;
-    if existed { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::not_found(format!("no session {id}"))) }
+    if existed {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no session {id}")))
+    }
 }
 
 // ---- messaging ----
@@ -294,8 +337,15 @@ async fn publish(
     ApiJson(body): ApiJson<PublishRequest>,
 ) -> Result<Json<PublishResponse>, ApiError> {
     let room = room(&body.room)?;
-    let outcome = state.node().publish(&room, None, payload(&body.data)?, idempotency_id(body.id)?).await?;
-    Ok(Json(PublishResponse { offset: outcome.offset, epoch: outcome.epoch, duplicate: outcome.duplicate }))
+    let outcome = state
+        .node()
+        .publish(&room, None, payload(&body.data)?, idempotency_id(body.id)?)
+        .await?;
+    Ok(Json(PublishResponse {
+        offset: outcome.offset,
+        epoch: outcome.epoch,
+        duplicate: outcome.duplicate,
+    }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -313,7 +363,10 @@ pub struct Accepted {
 /// Send a `system` frame to every connection on every node.
 #[utoipa::path(post, path = "/api/broadcast", tag = "messaging", request_body = BroadcastRequest,
     responses((status = 200, body = Accepted), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn broadcast(State(state): State<AppState>, ApiJson(body): ApiJson<BroadcastRequest>) -> Result<Json<Accepted>, ApiError> {
+async fn broadcast(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<BroadcastRequest>,
+) -> Result<Json<Accepted>, ApiError> {
     state.node().broadcast(payload(&body.data)?).await?;
     Ok(Json(Accepted { ok: true }))
 }
@@ -338,10 +391,19 @@ pub struct DirectResponse {
 /// Send a direct message to every connection of a user (kept in the inbox until acknowledged).
 #[utoipa::path(post, path = "/api/direct", tag = "messaging", request_body = DirectRequest,
     responses((status = 200, body = DirectResponse), (status = 400, body = ApiErrorBody), (status = 429, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn direct(State(state): State<AppState>, ApiJson(body): ApiJson<DirectRequest>) -> Result<Json<DirectResponse>, ApiError> {
+async fn direct(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DirectRequest>,
+) -> Result<Json<DirectResponse>, ApiError> {
     let to = user(&body.to, "to")?;
-    let outcome = state.node().direct(&to, None, payload(&body.data)?, idempotency_id(body.id)?).await?;
-    Ok(Json(DirectResponse { seq: outcome.seq, duplicate: outcome.duplicate }))
+    let outcome = state
+        .node()
+        .direct(&to, None, payload(&body.data)?, idempotency_id(body.id)?)
+        .await?;
+    Ok(Json(DirectResponse {
+        seq: outcome.seq,
+        duplicate: outcome.duplicate,
+    }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -353,7 +415,10 @@ pub struct DisconnectRequest {
 /// Close every connection of a user on every node (close code 4003).
 #[utoipa::path(post, path = "/api/disconnect", tag = "messaging", request_body = DisconnectRequest,
     responses((status = 200, body = Accepted), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn disconnect(State(state): State<AppState>, ApiJson(body): ApiJson<DisconnectRequest>) -> Result<Json<Accepted>, ApiError> {
+async fn disconnect(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<DisconnectRequest>,
+) -> Result<Json<Accepted>, ApiError> {
     let target = DisconnectTarget::User(user(&body.user_id, "user_id")?);
     state.node().disconnect(&target).await?;
     Ok(Json(Accepted { ok: true }))
@@ -376,12 +441,21 @@ pub struct PresenceResponse {
 /// Users present in a room.
 #[utoipa::path(get, path = "/api/rooms/{room}/presence", tag = "rooms", params(("room" = String, Path, description = "room name")),
     responses((status = 200, body = PresenceResponse), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn presence(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<PresenceResponse>, ApiError> {
+async fn presence(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PresenceResponse>, ApiError> {
     let room = room(&name)?;
     let users = state.node().backends.presence.list(&room).await?;
     Ok(Json(PresenceResponse {
         room: room.to_string(),
-        users: users.into_iter().map(|e| PresenceUser { user_id: e.user_id.to_string(), connections: e.connections }).collect(),
+        users: users
+            .into_iter()
+            .map(|e| PresenceUser {
+                user_id: e.user_id.to_string(),
+                connections: e.connections,
+            })
+            .collect(),
     }))
 }
 
@@ -459,7 +533,12 @@ pub struct Status {
 #[utoipa::path(post, path = "/api/drain", tag = "operations", responses((status = 202, body = Status)))]
 async fn drain(State(state): State<AppState>) -> (StatusCode, Json<Status>) {
     state.request_drain();
-    (StatusCode::ACCEPTED, Json(Status { status: "draining".into() }))
+    (
+        StatusCode::ACCEPTED,
+        Json(Status {
+            status: "draining".into(),
+        }),
+    )
 }
 
 /// Liveness: the process is up.
@@ -473,11 +552,26 @@ async fn healthz() -> Json<Status> {
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Status>) {
     let node = state.node();
     if node.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(Status { status: "draining".into() }));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Status {
+                status: "draining".into(),
+            }),
+        );
     }
     match node.backends.broker.check().await {
-        Ok(()) => (StatusCode::OK, Json(Status { status: "ready".into() })),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(Status { status: e.to_string() })),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(Status {
+                status: "ready".into(),
+            }),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Status {
+                status: e.to_string(),
+            }),
+        ),
     }
 }
 
@@ -485,7 +579,10 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Status>) {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     (headers, state.node().metrics.encode())
 }
 
@@ -509,6 +606,9 @@ pub fn routes() -> (OpenApiRouter<AppState>, OpenApiRouter<AppState>) {
         .routes(routes!(presence))
         .routes(routes!(history))
         .routes(routes!(drain));
-    let ops = OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(metrics));
+    let ops = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics));
     (api, ops)
 }

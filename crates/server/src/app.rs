@@ -34,7 +34,9 @@ impl AppState {
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(config.ws_read_buffer_bytes)
             .write_buffer_size(config.ws_write_buffer_bytes)
-            .max_write_buffer_size(config.queue_max_bytes + config.ws_write_buffer_bytes + config.max_message_bytes)
+            .max_write_buffer_size(
+                config.queue_max_bytes + config.ws_write_buffer_bytes + config.max_message_bytes,
+            )
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
         AppState(Arc::new(Shared {
@@ -94,7 +96,9 @@ const DEMO_PAGE: &str = include_str!("../static/index.html");
 pub fn router(state: AppState) -> Router {
     let (api, ops) = api::routes();
     let (api, openapi) = api.merge(ops).split_for_parts();
-    let openapi_json = openapi.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let openapi_json = openapi
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     api.route(
         "/api/openapi.json",
         get(move || {
@@ -107,9 +111,16 @@ pub fn router(state: AppState) -> Router {
     .route("/ws/chat/{session_id}/{room_name}", get(ws::seed_endpoint))
     .route("/", get(|| async { Html(DEMO_PAGE) }))
     .fallback(|| async {
-        api::ApiError::new(axum::http::StatusCode::NOT_FOUND, switchyard_proto::ErrorCode::BadRequest, "no such endpoint")
-            .into_response()
+        api::ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            switchyard_proto::ErrorCode::BadRequest,
+            "no such endpoint",
+        )
+        .into_response()
     })
-    .layer(axum::middleware::from_fn_with_state(state.clone(), api::require_api_key))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::require_api_key,
+    ))
     .with_state(state)
 }

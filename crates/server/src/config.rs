@@ -77,6 +77,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_rooms_per_connection: usize,
     pub max_history_limit: usize,
+    /// Most publications a rejoin with `since` replays; a larger gap gives `recovered: false`.
+    pub recovery_max_publications: usize,
+    /// Most payload bytes a rejoin with `since` replays.
+    pub recovery_max_bytes: usize,
     /// WebSocket read buffer per connection (tungstenite's default of 128 KiB is far too much).
     pub ws_read_buffer_bytes: usize,
     /// Bytes buffered before a write reaches the socket (writes are flushed once per burst anyway).
@@ -122,6 +126,8 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             max_rooms_per_connection: node.max_rooms_per_connection,
             max_history_limit: node.max_history_limit,
+            recovery_max_publications: node.recovery_max_publications,
+            recovery_max_bytes: node.recovery_max_bytes,
             ws_read_buffer_bytes: 1024,
             ws_write_buffer_bytes: 16 * 1024,
             ping_interval_secs: node.ping_interval_ms / 1000,
@@ -163,7 +169,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.is_file() {
-                anyhow::bail!("configuration file {} does not exist or is not a file", path.display());
+                anyhow::bail!(
+                    "configuration file {} does not exist or is not a file",
+                    path.display()
+                );
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -203,7 +212,10 @@ impl Config {
             }
         }
         if self.max_message_bytes < 128 {
-            anyhow::bail!("invalid configuration: `max_message_bytes` must be at least 128 (got {})", self.max_message_bytes);
+            anyhow::bail!(
+                "invalid configuration: `max_message_bytes` must be at least 128 (got {})",
+                self.max_message_bytes
+            );
         }
         if self.queue_max_bytes < self.max_message_bytes {
             anyhow::bail!(
@@ -228,12 +240,16 @@ impl Config {
             BackendKind::Memory => {}
             BackendKind::Redis => {
                 let Some(url) = &self.redis_url else {
-                    anyhow::bail!("invalid configuration: `backend = \"redis\"` needs `redis_url` (SWITCHYARD_REDIS_URL)");
+                    anyhow::bail!(
+                        "invalid configuration: `backend = \"redis\"` needs `redis_url` (SWITCHYARD_REDIS_URL)"
+                    );
                 };
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     anyhow::bail!("invalid configuration: `redis_url` must start with redis:// or rediss://");
                 }
-                anyhow::bail!("invalid configuration: `backend = \"redis\"` is not available in this build yet; use \"memory\"");
+                anyhow::bail!(
+                    "invalid configuration: `backend = \"redis\"` is not available in this build yet; use \"memory\""
+                );
             }
         }
         if self.api_key.is_none() && !self.listen.ip().is_loopback() {
@@ -267,6 +283,8 @@ impl Config {
             },
             max_rooms_per_connection: self.max_rooms_per_connection,
             max_history_limit: self.max_history_limit,
+            recovery_max_publications: self.recovery_max_publications,
+            recovery_max_bytes: self.recovery_max_bytes,
             ping_interval_ms: self.ping_interval_secs * 1000,
             idle_timeout_ms: self.idle_timeout_secs * 1000,
             drain: DrainSettings {
@@ -281,7 +299,11 @@ impl Config {
 
 /// One configuration error as a line naming the key and where its value came from.
 fn describe(e: figment::Error) -> String {
-    let key = if e.path.is_empty() { None } else { Some(e.path.join(".")) };
+    let key = if e.path.is_empty() {
+        None
+    } else {
+        Some(e.path.join("."))
+    };
     let source = e.metadata.as_ref().map(|m| match &m.source {
         Some(figment::Source::File(path)) => format!(" in {}", path.display()),
         _ => format!(" from {}", m.name),
@@ -313,18 +335,30 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, "queue_capacity = \"lots\"\n").unwrap();
-        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        let err = Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("queue_capacity"), "{err}");
         std::fs::write(&path, "queue_capacty = 5\n").unwrap();
-        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        let err = Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("queue_capacty"), "{err}");
         std::fs::write(&path, "queue_capacity = 0\n").unwrap();
-        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        let err = Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("queue_capacity"), "{err}");
         std::fs::write(&path, "listen = \"0.0.0.0:9000\"\n").unwrap();
-        let err = Config::load(Some(&path), &Overrides::default()).unwrap_err().to_string();
+        let err = Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("API key"), "{err}");
-        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\napi_key = \"0123456789abcdef0123\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:9000\"\napi_key = \"0123456789abcdef0123\"\n",
+        )
+        .unwrap();
         assert!(Config::load(Some(&path), &Overrides::default()).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }

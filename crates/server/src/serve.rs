@@ -24,11 +24,19 @@ use crate::config::{BackendKind, Config};
 const LISTEN_BACKLOG: i32 = 4096;
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into()).with_context(|| format!("cannot bind {addr}"))?;
-    socket.listen(LISTEN_BACKLOG).with_context(|| format!("cannot listen on {addr}"))?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot bind {addr}"))?;
+    socket
+        .listen(LISTEN_BACKLOG)
+        .with_context(|| format!("cannot listen on {addr}"))?;
     TcpListener::from_std(socket.into()).context("cannot register the listener")
 }
 
@@ -36,26 +44,45 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = bind(config.listen)?;
     let local = listener.local_addr()?;
-    let node_id = config.node_id.clone().unwrap_or_else(|| format!("switchyard-{}", local.port()));
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("switchyard-{}", local.port()));
     let stop_background = CancellationToken::new();
     let clock = Clock::new();
     tokio::spawn(clock.clone().run(stop_background.clone()));
     let backends = match config.backend {
         BackendKind::Memory => {
             let memory = MemoryBackend::new(config.backend_settings());
-            tokio::spawn(memory.clone().run_sweeper(Duration::from_secs(5), stop_background.clone()));
-            switchyard_core::backend::Backends { broker: memory.clone(), sessions: memory.clone(), presence: memory }
+            tokio::spawn(
+                memory
+                    .clone()
+                    .run_sweeper(Duration::from_secs(5), stop_background.clone()),
+            );
+            switchyard_core::backend::Backends {
+                broker: memory.clone(),
+                sessions: memory.clone(),
+                presence: memory,
+            }
         }
         BackendKind::Redis => anyhow::bail!("the redis backend is not available in this build"),
     };
-    let node = Node::new(config.node_settings(node_id.clone()), backends, Arc::new(Metrics::new()), clock);
+    let node = Node::new(
+        config.node_settings(node_id.clone()),
+        backends,
+        Arc::new(Metrics::new()),
+        clock,
+    );
     tokio::spawn(node.clone().run_sweeper(stop_background.clone()));
 
     let tasks = TaskTracker::new();
     let state = AppState::new(node.clone(), config.clone(), tasks.clone());
     let app = router(state.clone());
 
-    println!("switchyard listening on http://{local} (backend: {}, node: {node_id})", config.backend.name());
+    println!(
+        "switchyard listening on http://{local} (backend: {}, node: {node_id})",
+        config.backend.name()
+    );
     let _ = std::io::stdout().flush();
     tracing::info!(%local, node = %node_id, backend = config.backend.name(), "listening");
 
@@ -68,7 +95,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     state.shutdown().cancel();
     let _ = accept_loop.await;
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+    // Close handshakes in progress are bounded by the write timeout.
+    let grace = Duration::from_secs(config.write_timeout_secs + 1);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         tracing::warn!("some connections did not finish closing in time");
     }
     stop_background.cancel();

@@ -16,7 +16,9 @@ use switchyard_core::conn::{ConnId, Connection};
 use switchyard_core::metrics::FailReason;
 use switchyard_core::node::{Node, seed_room};
 use switchyard_core::queue::{CloseReason, Outbound};
-use switchyard_proto::{ClientBody, CloseCode, ErrorCode, RoomName, SUBPROTOCOL_JSON, ServerFrame, decode_client_frame};
+use switchyard_proto::{
+    ClientBody, CloseCode, ErrorCode, RoomName, SUBPROTOCOL_JSON, ServerFrame, decode_client_frame,
+};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
@@ -28,34 +30,53 @@ use crate::app::AppState;
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// How long a closing connection waits for the client's close reply.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
 /// Which protocol a connection speaks after authentication.
 enum Protocol {
     Native,
     Seed { room: RoomName, room_name: String },
 }
 
-/// Validates the handshake and answers 101, or explains in JSON why not.
+/// Validates the handshake and answers 101, or explains in JSON why not. (The refusal is a
+/// response like the acceptance; the size difference does not matter on this path.)
+#[allow(clippy::result_large_err)]
 fn accept(state: &AppState, req: &mut Request) -> Result<(Response, hyper::upgrade::OnUpgrade), Response> {
     let refuse = |status: StatusCode, message: &str| {
         state.node().metrics.failed(FailReason::Handshake);
         ApiError::new(status, ErrorCode::BadRequest, message).into_response()
     };
     if req.method() != Method::GET {
-        return Err(refuse(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket handshake is a GET request"));
+        return Err(refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a WebSocket handshake is a GET request",
+        ));
     }
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
-        return Err(refuse(StatusCode::UPGRADE_REQUIRED, "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket"));
+        return Err(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
+        ));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        let mut response = refuse(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version; use 13");
-        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version; use 13",
+        );
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return Err(response);
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
@@ -64,11 +85,18 @@ fn accept(state: &AppState, req: &mut Request) -> Result<(Response, hyper::upgra
     let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let offers_json = has_token(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL_JSON);
     if state.node().is_draining() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "this node is draining; connect to another")
-            .into_response());
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is draining; connect to another",
+        )
+        .into_response());
     }
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return Err(refuse(StatusCode::BAD_REQUEST, "this connection cannot be upgraded"));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded",
+        ));
     };
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h: &mut HeaderMap = response.headers_mut();
@@ -78,13 +106,21 @@ fn accept(state: &AppState, req: &mut Request) -> Result<(Response, hyper::upgra
         h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
     if offers_json {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL_JSON));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL_JSON),
+        );
     }
     Ok((response, on_upgrade))
 }
 
 /// Spawns the connection task once the upgrade completes.
-fn spawn_connection(state: &AppState, on_upgrade: hyper::upgrade::OnUpgrade, session: Option<String>, protocol: Protocol) {
+fn spawn_connection(
+    state: &AppState,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    session: Option<String>,
+    protocol: Protocol,
+) {
     let node = state.node().clone();
     let id = node.hub.next_conn_id();
     let span = tracing::info_span!("conn", id);
@@ -98,7 +134,12 @@ fn spawn_connection(state: &AppState, on_upgrade: hyper::upgrade::OnUpgrade, ses
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(task_state.ws_config())).await;
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(task_state.ws_config()),
+            )
+            .await;
             run(task_state, node, id, ws, session, protocol).await;
         }
         .instrument(span),
@@ -106,10 +147,19 @@ fn spawn_connection(state: &AppState, on_upgrade: hyper::upgrade::OnUpgrade, ses
 }
 
 /// `GET /ws[?session=ID]`: the main endpoint.
-pub async fn main_endpoint(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>, mut req: Request) -> Response {
+pub async fn main_endpoint(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+    mut req: Request,
+) -> Response {
     match accept(&state, &mut req) {
         Ok((response, on_upgrade)) => {
-            spawn_connection(&state, on_upgrade, query.get("session").cloned(), Protocol::Native);
+            spawn_connection(
+                &state,
+                on_upgrade,
+                query.get("session").cloned(),
+                Protocol::Native,
+            );
             response
         }
         Err(response) => response,
@@ -128,21 +178,30 @@ pub async fn seed_endpoint(
     };
     match accept(&state, &mut req) {
         Ok((response, on_upgrade)) => {
-            spawn_connection(&state, on_upgrade, Some(session_id), Protocol::Seed { room, room_name });
+            spawn_connection(
+                &state,
+                on_upgrade,
+                Some(session_id),
+                Protocol::Seed { room, room_name },
+            );
             response
         }
         Err(response) => response,
     }
 }
 
-async fn send_close(ws: &mut Socket, reason: &CloseReason) {
+/// Sends the close frame and waits for the client's reply, at most `grace`, so that the close
+/// frame is not lost to a reset. A slow consumer may first need to read what is still in flight.
+async fn send_close(ws: &mut Socket, reason: &CloseReason, grace: Duration) {
     let mut text = reason.reason.clone();
     while text.len() > 123 {
         text.pop();
     }
-    let frame = CloseFrame { code: WsCloseCode::from(reason.code.code()), reason: Utf8Bytes::from(text) };
-    // Wait briefly for the client's close reply, so the close frame is not lost to a reset.
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+    let frame = CloseFrame {
+        code: WsCloseCode::from(reason.code.code()),
+        reason: Utf8Bytes::from(text),
+    };
+    let _ = tokio::time::timeout(grace, async {
         if ws.close(Some(frame)).await.is_ok() {
             while let Some(Ok(_)) = ws.next().await {}
         }
@@ -154,7 +213,10 @@ async fn send_close(ws: &mut Socket, reason: &CloseReason) {
 fn close_for_read_error(e: &tungstenite::Error) -> Option<CloseReason> {
     match e {
         tungstenite::Error::Capacity(_) => Some(CloseReason::new(CloseCode::TooBig, "message too large")),
-        tungstenite::Error::Utf8(_) => Some(CloseReason::new(CloseCode::InvalidPayload, "text frame is not valid UTF-8")),
+        tungstenite::Error::Utf8(_) => Some(CloseReason::new(
+            CloseCode::InvalidPayload,
+            "text frame is not valid UTF-8",
+        )),
         tungstenite::Error::Protocol(p) => Some(CloseReason::new(CloseCode::ProtocolError, p.to_string())),
         _ => None,
     }
@@ -167,7 +229,8 @@ async fn await_auth(ws: &mut Socket, node: &Node, timeout: Duration) -> Result<S
             let text = match msg {
                 Ok(Message::Text(text)) => text,
                 Ok(Message::Binary(_)) => {
-                    let frame = ServerFrame::error(ErrorCode::BadRequest, "binary frames are not supported", None);
+                    let frame =
+                        ServerFrame::error(ErrorCode::BadRequest, "binary frames are not supported", None);
                     let _ = ws.send(Message::text(frame.encode())).await;
                     continue;
                 }
@@ -196,12 +259,22 @@ async fn await_auth(ws: &mut Socket, node: &Node, timeout: Duration) -> Result<S
         Ok(result) => result,
         Err(_) => {
             node.metrics.failed(FailReason::AuthTimeout);
-            Err(Some(CloseReason::new(CloseCode::Policy, "authentication timeout")))
+            Err(Some(CloseReason::new(
+                CloseCode::Policy,
+                "authentication timeout",
+            )))
         }
     }
 }
 
-async fn run(state: AppState, node: Arc<Node>, id: ConnId, mut ws: Socket, session: Option<String>, protocol: Protocol) {
+async fn run(
+    state: AppState,
+    node: Arc<Node>,
+    id: ConnId,
+    mut ws: Socket,
+    session: Option<String>,
+    protocol: Protocol,
+) {
     let session_id = match session {
         Some(session) => session,
         None => match await_auth(&mut ws, &node, state.auth_timeout()).await {
@@ -209,7 +282,7 @@ async fn run(state: AppState, node: Arc<Node>, id: ConnId, mut ws: Socket, sessi
             Err(close) => {
                 if let Some(close) = close {
                     node.metrics.closed_with(close.code.code());
-                    send_close(&mut ws, &close).await;
+                    send_close(&mut ws, &close, state.write_timeout()).await;
                 }
                 return;
             }
@@ -220,7 +293,7 @@ async fn run(state: AppState, node: Arc<Node>, id: ConnId, mut ws: Socket, sessi
         Err(e) => {
             tracing::info!(reason = %e.close.reason, "connection refused");
             node.metrics.closed_with(e.close.code.code());
-            send_close(&mut ws, &e.close).await;
+            send_close(&mut ws, &e.close, state.write_timeout()).await;
             return;
         }
     };
@@ -232,28 +305,37 @@ async fn run(state: AppState, node: Arc<Node>, id: ConnId, mut ws: Socket, sessi
             Err(e) => {
                 let close = CloseReason::new(CloseCode::TryLater, e.message);
                 node.metrics.closed_with(close.code.code());
-                send_close(&mut ws, &close).await;
+                send_close(&mut ws, &close, state.write_timeout()).await;
                 return;
             }
         },
     };
     tracing::info!(user = %conn.user, session = %conn.session_id, "connected");
     let close = pump(&state, &node, &conn, &mut ws, &protocol).await;
+    // Release rooms, presence and counters first: the close handshake may take a while with a slow
+    // client, and the rest of the system should not wait for it.
+    node.close(&conn).await;
+    node.metrics
+        .connection_duration
+        .observe(opened.elapsed().as_secs_f64());
     match close {
         Some(close) => {
             tracing::info!(code = close.code.code(), reason = %close.reason, "closing");
             node.metrics.closed_with(close.code.code());
-            send_close(&mut ws, &close).await;
+            send_close(&mut ws, &close, state.write_timeout()).await;
         }
         None => tracing::info!("disconnected"),
     }
-    // Only now is the connection gone: a drain waits for the close handshake to finish.
-    node.close(&conn).await;
-    node.metrics.connection_duration.observe(opened.elapsed().as_secs_f64());
 }
 
 /// Moves frames until the connection ends; returns the close to send, if the server closes.
-async fn pump(state: &AppState, node: &Node, conn: &Arc<Connection>, ws: &mut Socket, protocol: &Protocol) -> Option<CloseReason> {
+async fn pump(
+    state: &AppState,
+    node: &Node,
+    conn: &Arc<Connection>,
+    ws: &mut Socket,
+    protocol: &Protocol,
+) -> Option<CloseReason> {
     let shutdown = state.shutdown();
     let write_timeout = state.write_timeout();
     loop {
@@ -262,7 +344,7 @@ async fn pump(state: &AppState, node: &Node, conn: &Arc<Connection>, ws: &mut So
             _ = shutdown.cancelled() => return Some(CloseReason::new(CloseCode::GoingAway, "server shutting down")),
             _ = conn.queue.ready() => {
                 let batch = conn.queue.take();
-                let written = tokio::time::timeout(write_timeout, async {
+                let write = tokio::time::timeout(write_timeout, async {
                     for (frame, _) in batch.frames {
                         let message = match frame {
                             Outbound::Text(text) => Message::Text(text),
@@ -271,8 +353,13 @@ async fn pump(state: &AppState, node: &Node, conn: &Arc<Connection>, ws: &mut So
                         ws.feed(message).await?;
                     }
                     ws.flush().await
-                })
-                .await;
+                });
+                let written = tokio::select! {
+                    written = write => written,
+                    // The queue overflowed while this write was blocked: stop now. Frames already
+                    // buffered stay whole; the close frame follows them.
+                    close = conn.queue.overflowed() => return Some(close),
+                };
                 match written {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return None,

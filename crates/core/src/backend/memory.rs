@@ -44,7 +44,10 @@ impl RoomStream {
     }
 
     fn position(&self) -> StreamPosition {
-        StreamPosition { offset: self.top, epoch: self.epoch.to_string() }
+        StreamPosition {
+            offset: self.top,
+            epoch: self.epoch.to_string(),
+        }
     }
 
     fn trim(&mut self, now: Instant, max_len: usize) {
@@ -57,7 +60,12 @@ impl RoomStream {
         // Offsets are contiguous within the retained history, so the start index is arithmetic.
         let first = self.history.front().map_or(self.top + 1, |p| p.item.offset);
         let skip = usize::try_from((offset + 1).saturating_sub(first)).unwrap_or(usize::MAX);
-        self.history.iter().skip(skip).take(limit).map(|p| p.item.clone()).collect()
+        self.history
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .map(|p| p.item.clone())
+            .collect()
     }
 }
 
@@ -97,7 +105,11 @@ impl MemoryBackend {
     /// The three backend roles, all served by one memory backend.
     pub fn backends(settings: BackendSettings) -> Backends {
         let backend = Self::new(settings);
-        Backends { broker: backend.clone(), sessions: backend.clone(), presence: backend }
+        Backends {
+            broker: backend.clone(),
+            sessions: backend.clone(),
+            presence: backend,
+        }
     }
 
     fn sink(&self) -> Option<Arc<dyn DeliverySink>> {
@@ -105,7 +117,11 @@ impl MemoryBackend {
     }
 
     fn stream(&self, room: &RoomName) -> Arc<Mutex<RoomStream>> {
-        self.streams.shard(room).entry(room.clone()).or_insert_with(|| Arc::new(Mutex::new(RoomStream::new()))).clone()
+        self.streams
+            .shard(room)
+            .entry(room.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(RoomStream::new())))
+            .clone()
     }
 
     fn secs(secs: u64) -> Duration {
@@ -176,14 +192,24 @@ impl Broker for MemoryBackend {
             if let Some(seen) = s.dedup.get(id)
                 && seen.expires > now
             {
-                return Ok(PublishOutcome { offset: seen.item, epoch: s.epoch.to_string(), duplicate: true });
+                return Ok(PublishOutcome {
+                    offset: seen.item,
+                    epoch: s.epoch.to_string(),
+                    duplicate: true,
+                });
             }
             if s.dedup.len() >= 4096 && s.dedup.len().is_power_of_two() {
                 s.dedup.retain(|_, d| d.expires > now);
             }
             let expires = now + Self::secs(self.settings.dedup_window_secs);
             let offset = s.top + 1;
-            s.dedup.insert(id.clone(), Stored { item: offset, expires });
+            s.dedup.insert(
+                id.clone(),
+                Stored {
+                    item: offset,
+                    expires,
+                },
+            );
         }
         s.top += 1;
         s.last_write = now;
@@ -197,9 +223,16 @@ impl Broker for MemoryBackend {
             id: new.id,
         });
         let expires = now + Self::secs(self.settings.history_ttl_secs);
-        s.history.push_back(Stored { item: publication.clone(), expires });
+        s.history.push_back(Stored {
+            item: publication.clone(),
+            expires,
+        });
         s.trim(now, self.settings.history_size);
-        let outcome = PublishOutcome { offset: s.top, epoch: s.epoch.to_string(), duplicate: false };
+        let outcome = PublishOutcome {
+            offset: s.top,
+            epoch: s.epoch.to_string(),
+            duplicate: false,
+        };
         // Delivering under the stream lock keeps every subscriber's view in offset order.
         if s.subscribed
             && let Some(sink) = self.sink()
@@ -218,7 +251,10 @@ impl Broker for MemoryBackend {
         let mut s = stream.lock();
         s.trim(Instant::now(), self.settings.history_size);
         let after = after.unwrap_or_else(|| s.top.saturating_sub(u64::try_from(limit).unwrap_or(u64::MAX)));
-        Ok(HistoryPage { position: s.position(), publications: s.after(after, limit) })
+        Ok(HistoryPage {
+            position: s.position(),
+            publications: s.after(after, limit),
+        })
     }
 
     async fn recover(&self, room: &RoomName, since: &StreamPosition) -> BackendResult<Recovery> {
@@ -231,7 +267,10 @@ impl Broker for MemoryBackend {
             return Ok(Recovery::NotRecovered { position });
         }
         let publications = s.after(since.offset, usize::MAX);
-        Ok(Recovery::Recovered { position, publications })
+        Ok(Recovery::Recovered {
+            position,
+            publications,
+        })
     }
 
     async fn presence_event(&self, diff: &PresenceDiff) -> BackendResult<()> {
@@ -259,23 +298,47 @@ impl Broker for MemoryBackend {
             && let Some(seen) = inbox.dedup.get(id)
             && seen.expires > now
         {
-            return Ok(DirectOutcome { seq: seen.item, duplicate: true });
+            return Ok(DirectOutcome {
+                seq: seen.item,
+                duplicate: true,
+            });
         }
         if inbox.messages.len() >= self.settings.inbox_max {
-            return Err(BackendError::InboxFull { user: to.to_string(), limit: self.settings.inbox_max });
+            return Err(BackendError::InboxFull {
+                user: to.to_string(),
+                limit: self.settings.inbox_max,
+            });
         }
         inbox.next_seq += 1;
         let seq = inbox.next_seq;
         if let Some(id) = &new.id {
-            inbox.dedup.insert(id.clone(), Stored { item: seq, expires: now + Self::secs(self.settings.dedup_window_secs) });
+            inbox.dedup.insert(
+                id.clone(),
+                Stored {
+                    item: seq,
+                    expires: now + Self::secs(self.settings.dedup_window_secs),
+                },
+            );
         }
-        let message =
-            Arc::new(DirectMessage { to: to.clone(), from: new.from, data: new.data, ts: unix_ms(), seq, id: new.id });
-        inbox.messages.push_back(Stored { item: message.clone(), expires: now + Self::secs(self.settings.inbox_ttl_secs) });
+        let message = Arc::new(DirectMessage {
+            to: to.clone(),
+            from: new.from,
+            data: new.data,
+            ts: unix_ms(),
+            seq,
+            id: new.id,
+        });
+        inbox.messages.push_back(Stored {
+            item: message.clone(),
+            expires: now + Self::secs(self.settings.inbox_ttl_secs),
+        });
         if let Some(sink) = self.sink() {
             sink.direct(message);
         }
-        Ok(DirectOutcome { seq, duplicate: false })
+        Ok(DirectOutcome {
+            seq,
+            duplicate: false,
+        })
     }
 
     async fn inbox(&self, user: &UserId) -> BackendResult<Vec<Arc<DirectMessage>>> {
@@ -283,7 +346,14 @@ impl Broker for MemoryBackend {
         let shard = self.inboxes.shard(user);
         Ok(shard
             .get(user)
-            .map(|inbox| inbox.messages.iter().filter(|m| m.expires > now).map(|m| m.item.clone()).collect())
+            .map(|inbox| {
+                inbox
+                    .messages
+                    .iter()
+                    .filter(|m| m.expires > now)
+                    .map(|m| m.item.clone())
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -311,8 +381,18 @@ impl SessionStore for MemoryBackend {
     async fn create(&self, id: &str, record: &SessionRecord) -> BackendResult<Session> {
         let ttl = self.settings.session_ttl_secs;
         let expires = Instant::now() + Self::secs(ttl);
-        self.sessions.lock().insert(id.to_string(), Stored { item: record.clone(), expires });
-        Ok(Session { id: id.to_string(), record: record.clone(), expires_in: ttl })
+        self.sessions.lock().insert(
+            id.to_string(),
+            Stored {
+                item: record.clone(),
+                expires,
+            },
+        );
+        Ok(Session {
+            id: id.to_string(),
+            record: record.clone(),
+            expires_in: ttl,
+        })
     }
 
     async fn get(&self, id: &str) -> BackendResult<Option<Session>> {
@@ -329,12 +409,19 @@ impl SessionStore for MemoryBackend {
         let now = Instant::now();
         let ttl = self.settings.session_ttl_secs;
         let mut sessions = self.sessions.lock();
-        let Some(stored) = sessions.get_mut(id).filter(|s| s.expires > now && s.item.resumable()) else {
+        let Some(stored) = sessions
+            .get_mut(id)
+            .filter(|s| s.expires > now && s.item.resumable())
+        else {
             return Ok(None);
         };
         stored.item.status = STATUS_ACTIVE.to_string();
         stored.expires = now + Self::secs(ttl);
-        Ok(Some(Session { id: id.to_string(), record: stored.item.clone(), expires_in: ttl }))
+        Ok(Some(Session {
+            id: id.to_string(),
+            record: stored.item.clone(),
+            expires_in: ttl,
+        }))
     }
 
     async fn set_status(&self, id: &str, status: &str) -> BackendResult<bool> {
@@ -359,7 +446,11 @@ impl SessionStore for MemoryBackend {
 impl PresenceStore for MemoryBackend {
     async fn add(&self, room: &RoomName, user: &UserId, conn: u64) -> BackendResult<bool> {
         let mut shard = self.presence.shard(room);
-        let conns = shard.entry(room.clone()).or_default().entry(user.clone()).or_default();
+        let conns = shard
+            .entry(room.clone())
+            .or_default()
+            .entry(user.clone())
+            .or_default();
         let first = conns.is_empty();
         conns.insert(conn);
         Ok(first)
@@ -367,8 +458,12 @@ impl PresenceStore for MemoryBackend {
 
     async fn remove(&self, room: &RoomName, user: &UserId, conn: u64) -> BackendResult<bool> {
         let mut shard = self.presence.shard(room);
-        let Some(users) = shard.get_mut(room) else { return Ok(false) };
-        let Some(conns) = users.get_mut(user) else { return Ok(false) };
+        let Some(users) = shard.get_mut(room) else {
+            return Ok(false);
+        };
+        let Some(conns) = users.get_mut(user) else {
+            return Ok(false);
+        };
         let removed = conns.remove(&conn);
         let last = removed && conns.is_empty();
         if conns.is_empty() {

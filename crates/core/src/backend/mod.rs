@@ -61,7 +61,10 @@ pub struct PublishOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Recovery {
     /// `publications` are exactly those after the client's offset, in order, up to `position`.
-    Recovered { position: StreamPosition, publications: Vec<Arc<Publication>> },
+    Recovered {
+        position: StreamPosition,
+        publications: Vec<Arc<Publication>>,
+    },
     /// History cannot cover the gap (epoch changed or too old); `position` is the current one.
     NotRecovered { position: StreamPosition },
 }

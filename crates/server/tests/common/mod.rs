@@ -30,9 +30,15 @@ impl Server {
                 command.env_remove(key);
             }
         }
-        command.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+        command.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         command.envs(env.iter().copied());
-        command.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true);
+        command
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         if std::env::var_os("SWITCHYARD_TEST_LOGS").is_none() {
             command.stderr(Stdio::null());
         }
@@ -52,7 +58,11 @@ impl Server {
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Server { child, addr, http: Http::new(addr) }
+        Server {
+            child,
+            addr,
+            http: Http::new(addr),
+        }
     }
 
     pub fn ws_url(&self, query: &str) -> String {
@@ -62,7 +72,9 @@ impl Server {
     /// Creates a session for `user` and connects with `?session=`, reading the welcome.
     pub async fn connect(&self, user: &str) -> (Client, String) {
         let session = self.http.create_session(user).await.unwrap();
-        let mut client = Client::connect(&self.ws_url(&format!("?session={session}"))).await.unwrap();
+        let mut client = Client::connect(&self.ws_url(&format!("?session={session}")))
+            .await
+            .unwrap();
         client.welcome().await.unwrap();
         (client, session)
     }
@@ -73,13 +85,20 @@ impl Server {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = std::process::Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
     /// Waits for the process to exit and returns its exit code.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let status = tokio::time::timeout(within, self.child.wait()).await.expect("switchyard did not exit in time").unwrap();
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("switchyard did not exit in time")
+            .unwrap();
         status.code()
     }
 
@@ -103,6 +122,13 @@ pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
         }
     }
     command.envs(env.iter().copied());
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output()).await.expect("cli timed out").unwrap();
-    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("cli timed out")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
