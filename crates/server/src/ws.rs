@@ -310,7 +310,8 @@ async fn run(
             }
         },
     };
-    tracing::info!(user = %conn.user, session = %conn.session_id, "connected");
+    // The session id is a bearer credential: it stays out of the logs.
+    tracing::info!(user = %conn.user, "connected");
     let close = pump(&state, &node, &conn, &mut ws, &protocol).await;
     // Release rooms, presence and counters first: the close handshake may take a while with a slow
     // client, and the rest of the system should not wait for it.
