@@ -22,6 +22,7 @@ pub struct Recorder {
     pub directs: Mutex<Vec<Arc<DirectMessage>>>,
     pub systems: Mutex<Vec<Arc<SystemMessage>>>,
     pub disconnects: Mutex<Vec<DisconnectTarget>>,
+    pub resets: Mutex<Vec<(RoomName, StreamPosition)>>,
     changed: Notify,
 }
 
@@ -78,6 +79,10 @@ impl DeliverySink for Recorder {
     }
     fn disconnect(&self, target: &DisconnectTarget) {
         self.disconnects.lock().push(target.clone());
+        self.changed.notify_waiters();
+    }
+    fn reset(&self, room: &RoomName, position: &StreamPosition) {
+        self.resets.lock().push((room.clone(), position.clone()));
         self.changed.notify_waiters();
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use switchyard_proto::{CloseCode, RoomName, UserId};
+use switchyard_proto::{CloseCode, RoomName, ServerFrame, StreamPosition, UserId};
 use tungstenite::Utf8Bytes;
 
 use crate::backend::{
@@ -390,13 +390,30 @@ impl DeliverySink for Hub {
         let frame = frames::system(&message);
         let mut delivered = 0u64;
         self.conns.for_each_shard(|shard| {
-            for conn in shard.values() {
+            for conn in shard.values().filter(|c| c.kind == ConnKind::Native) {
                 if self.push(conn, frame.clone()) {
                     delivered += 1;
                 }
             }
         });
         self.metrics.messages_delivered.inc_by(delivered);
+    }
+
+    fn reset(&self, room: &RoomName, position: &StreamPosition) {
+        let shard = self.rooms.shard(room);
+        let Some(members) = shard.get(room) else { return };
+        let frame = frames::text(&ServerFrame::Joined {
+            reference: None,
+            room: room.clone(),
+            offset: position.offset,
+            epoch: position.epoch.clone(),
+            recovered: false,
+        });
+        for member in members.values() {
+            if member.pending.is_none() && member.conn.kind == ConnKind::Native {
+                self.push(&member.conn, frame.clone());
+            }
+        }
     }
 
     fn disconnect(&self, target: &DisconnectTarget) {

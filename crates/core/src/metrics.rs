@@ -88,6 +88,32 @@ pub struct Metrics {
     pub rooms: Gauge,
     pub draining: Gauge,
     pub backend_errors: Counter,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Gauge,
+    breaker_transitions: Family<ToLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToLabel {
+    to: &'static str,
+}
+
+/// States of the backend circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn label(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -197,8 +223,22 @@ impl Metrics {
             "Backend calls that failed (unavailable or corrupt)",
             backend_errors.clone(),
         );
+        let breaker_state = Gauge::default();
+        registry.register(
+            "switchyard_backend_circuit_state",
+            "Backend circuit breaker: 0 closed, 1 open (failing fast), 2 half-open (probing)",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::<ToLabel, Counter>::default();
+        registry.register(
+            "switchyard_backend_circuit_transitions",
+            "Backend circuit breaker state changes, by new state",
+            breaker_transitions.clone(),
+        );
         Metrics {
             registry,
+            breaker_state,
+            breaker_transitions,
             active_connections,
             connections_opened,
             failed,
@@ -230,6 +270,18 @@ impl Metrics {
         if let Some((_, counter)) = self.failed.iter().find(|(r, _)| *r == reason) {
             counter.inc();
         }
+    }
+
+    /// Records a circuit breaker state change.
+    pub fn breaker_changed(&self, to: BreakerState) {
+        self.breaker_state.set(match to {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        });
+        self.breaker_transitions
+            .get_or_create(&ToLabel { to: to.label() })
+            .inc();
     }
 
     /// Counts a server-side close by code.

@@ -56,8 +56,9 @@ impl Default for NodeSettings {
             queue: QueueLimits::default(),
             max_rooms_per_connection: 128,
             max_history_limit: 1000,
-            recovery_max_publications: 1000,
-            recovery_max_bytes: 8 * 1024 * 1024,
+            // Larger than the queue's limits, so a client closed with 4008 can recover its gap.
+            recovery_max_publications: 5000,
+            recovery_max_bytes: 16 * 1024 * 1024,
             ping_interval_ms: 25_000,
             idle_timeout_ms: 60_000,
             drain: DrainSettings::default(),
@@ -206,7 +207,13 @@ impl Node {
 
     /// Opens an authenticated `/ws` connection: queues `welcome` and the user's inbox.
     /// `id` comes from [`Hub::next_conn_id`], taken when the transport accepted the connection.
-    pub async fn open(&self, id: ConnId, session: &Session, user: UserId) -> Arc<Connection> {
+    pub async fn open(
+        &self,
+        id: ConnId,
+        session: &Session,
+        user: UserId,
+        auth_ref: Option<Ref>,
+    ) -> Arc<Connection> {
         let conn = self.new_connection(id, session, user, ConnKind::Native);
         let inbox = match self.backends.broker.inbox(&conn.user).await {
             Ok(inbox) => inbox,
@@ -217,6 +224,7 @@ impl Node {
             }
         };
         let welcome = frames::text(&ServerFrame::Welcome {
+            reference: auth_ref,
             session_id: session.id.clone(),
             user_id: conn.user.clone(),
             node: self.settings.node_id.clone(),

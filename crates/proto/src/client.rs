@@ -189,6 +189,18 @@ fn payload(field: Option<&RawValue>, kind: &str, r: &Option<Ref>) -> Result<Payl
     Ok(Payload::from_raw(raw.to_owned()))
 }
 
+/// Reads just the `ref` of a frame whose other fields are invalid, so the error can still be matched
+/// to its request.
+fn salvage_ref(text: &str) -> Option<Ref> {
+    #[derive(Deserialize)]
+    struct OnlyRef<'a> {
+        #[serde(rename = "ref", borrow, default)]
+        reference: Option<&'a RawValue>,
+    }
+    let only: OnlyRef<'_> = serde_json::from_str(text).ok()?;
+    Ref::from_raw(only.reference?).ok()
+}
+
 /// Decodes one text frame of the `/ws` JSON protocol.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
@@ -206,7 +218,7 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
                 } else {
                     "a frame must be a JSON object".to_string()
                 },
-                reference: None,
+                reference: salvage_ref(text),
             },
         }
     })?;
@@ -312,6 +324,12 @@ mod tests {
         assert!(e.message.contains("data"));
         let e = decode_client_frame(r#"{"type":"publish","room":"a","data":null}"#).unwrap_err();
         assert!(e.message.contains("data"));
+        let e = decode_client_frame(r#"{"type":"history","room":"a","limit":-1,"ref":9}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.reference),
+            (ErrorCode::BadRequest, Some(Ref::Num(9))),
+            "the ref survives a type error"
+        );
     }
 
     #[test]

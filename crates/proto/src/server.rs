@@ -38,6 +38,9 @@ pub struct HistoryItem {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     Welcome {
+        /// The `ref` of the `auth` frame, when authenticated by frame.
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        reference: Option<Ref>,
         session_id: String,
         user_id: UserId,
         node: String,

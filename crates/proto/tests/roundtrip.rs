@@ -69,14 +69,22 @@ fn client_body() -> impl Strategy<Value = ClientBody> {
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
-        ("[a-f0-9-]{1,36}", user(), "[a-z0-9-]{1,10}", any::<u32>()).prop_map(
-            |(session_id, user_id, node, inbox)| ServerFrame::Welcome {
-                session_id,
-                user_id,
-                node,
-                inbox
-            }
-        ),
+        (
+            reference(),
+            "[a-f0-9-]{1,36}",
+            user(),
+            "[a-z0-9-]{1,10}",
+            any::<u32>()
+        )
+            .prop_map(
+                |(reference, session_id, user_id, node, inbox)| ServerFrame::Welcome {
+                    reference,
+                    session_id,
+                    user_id,
+                    node,
+                    inbox
+                }
+            ),
         (reference(), room(), position(), any::<bool>()).prop_map(|(reference, room, p, recovered)| {
             ServerFrame::Joined {
                 reference,

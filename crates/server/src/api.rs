@@ -472,10 +472,12 @@ pub struct HistoryQuery {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HistoryEntry {
     pub offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
     pub ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
 

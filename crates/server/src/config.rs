@@ -224,9 +224,9 @@ impl Config {
                 self.max_message_bytes
             );
         }
-        if self.idle_timeout_secs <= self.ping_interval_secs {
+        if self.idle_timeout_secs < 2 * self.ping_interval_secs {
             anyhow::bail!(
-                "invalid configuration: `idle_timeout_secs` ({}) must be greater than `ping_interval_secs` ({})",
+                "invalid configuration: `idle_timeout_secs` ({}) must be at least twice `ping_interval_secs` ({})",
                 self.idle_timeout_secs,
                 self.ping_interval_secs
             );

@@ -16,6 +16,7 @@ use switchyard_core::conn::{ConnId, Connection};
 use switchyard_core::metrics::FailReason;
 use switchyard_core::node::{Node, seed_room};
 use switchyard_core::queue::{CloseReason, Outbound};
+use switchyard_proto::Ref;
 use switchyard_proto::{
     ClientBody, CloseCode, ErrorCode, RoomName, SUBPROTOCOL_JSON, ServerFrame, decode_client_frame,
 };
@@ -223,7 +224,12 @@ fn close_for_read_error(e: &tungstenite::Error) -> Option<CloseReason> {
 }
 
 /// Waits for the first `auth` frame. Other frames get `UNAUTHORIZED` errors meanwhile.
-async fn await_auth(ws: &mut Socket, node: &Node, timeout: Duration) -> Result<String, Option<CloseReason>> {
+/// Returns the session id and the `auth` frame's `ref`.
+async fn await_auth(
+    ws: &mut Socket,
+    node: &Node,
+    timeout: Duration,
+) -> Result<(String, Option<Ref>), Option<CloseReason>> {
     let wait = async {
         while let Some(msg) = ws.next().await {
             let text = match msg {
@@ -240,7 +246,7 @@ async fn await_auth(ws: &mut Socket, node: &Node, timeout: Duration) -> Result<S
             };
             let reply = match decode_client_frame(&text) {
                 Ok(frame) => match frame.body {
-                    ClientBody::Auth { session } => return Ok(session),
+                    ClientBody::Auth { session } => return Ok((session, frame.reference)),
                     _ => ServerFrame::error(
                         ErrorCode::Unauthorized,
                         "authenticate first: send {\"type\":\"auth\",\"session\":\"<session id>\"} or connect with ?session=",
@@ -275,10 +281,10 @@ async fn run(
     session: Option<String>,
     protocol: Protocol,
 ) {
-    let session_id = match session {
-        Some(session) => session,
+    let (session_id, auth_ref) = match session {
+        Some(session) => (session, None),
         None => match await_auth(&mut ws, &node, state.auth_timeout()).await {
-            Ok(session) => session,
+            Ok(found) => found,
             Err(close) => {
                 if let Some(close) = close {
                     node.metrics.closed_with(close.code.code());
@@ -297,9 +303,20 @@ async fn run(
             return;
         }
     };
+    if node.is_draining() {
+        let close = CloseReason::new(CloseCode::ServiceRestart, "draining");
+        let frame = ServerFrame::Reconnect {
+            after_ms: 0,
+            reason: "draining".into(),
+        };
+        let _ = ws.send(Message::text(frame.encode())).await;
+        node.metrics.closed_with(close.code.code());
+        send_close(&mut ws, &close, state.write_timeout()).await;
+        return;
+    }
     let opened = Instant::now();
     let conn = match &protocol {
-        Protocol::Native => node.open(id, &session, user).await,
+        Protocol::Native => node.open(id, &session, user, auth_ref).await,
         Protocol::Seed { room_name, .. } => match node.open_seed(id, &session, user, room_name).await {
             Ok((conn, _)) => conn,
             Err(e) => {
@@ -375,7 +392,12 @@ async fn pump(
             }
             msg = ws.next() => {
                 let text = match msg {
-                    None | Some(Ok(Message::Close(_))) => return None,
+                    None => return None,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; send it before dropping the socket.
+                        let _ = tokio::time::timeout(write_timeout, ws.flush()).await;
+                        return None;
+                    }
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Binary(_))) => {
                         conn.touch(node.clock.now_ms());

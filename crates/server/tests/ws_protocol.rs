@@ -45,12 +45,14 @@ async fn query_session_gets_welcome() {
         .unwrap();
     match client.frame().await.unwrap() {
         ServerFrame::Welcome {
+            reference,
             session_id,
             user_id,
             node,
             inbox,
         } => {
             assert_eq!(session_id, session);
+            assert_eq!(reference, None);
             assert_eq!(user_id.as_str(), "alice");
             assert_eq!(node, "node-a");
             assert_eq!(inbox, 0);
@@ -79,7 +81,12 @@ async fn auth_frame_and_requests_before_auth() {
     client.send_text("{oops").await.unwrap();
     expect_error(&mut client, ErrorCode::InvalidMessageFormat).await;
     match client.auth(&session).await.unwrap() {
-        ServerFrame::Welcome { user_id, .. } => assert_eq!(user_id.as_str(), "bob"),
+        ServerFrame::Welcome {
+            user_id, reference, ..
+        } => {
+            assert_eq!(user_id.as_str(), "bob");
+            assert!(reference.is_some(), "welcome echoes the auth frame's ref");
+        }
         other => panic!("{other:?}"),
     }
     client

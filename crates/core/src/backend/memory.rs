@@ -73,11 +73,26 @@ fn new_epoch() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-#[derive(Default)]
+/// How long a user's sequence counter outlives an empty inbox, so `seq` never goes back for a client
+/// that may still remember it.
+const SEQ_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+
 struct Inbox {
     next_seq: u64,
+    touched: Instant,
     messages: VecDeque<Stored<Arc<DirectMessage>>>,
     dedup: HashMap<String, Stored<u64>>,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Inbox {
+            next_seq: 0,
+            touched: Instant::now(),
+            messages: VecDeque::new(),
+            dedup: HashMap::new(),
+        }
+    }
 }
 
 /// All backends in one process.
@@ -148,7 +163,7 @@ impl MemoryBackend {
                     inbox.messages.pop_front();
                 }
                 inbox.dedup.retain(|_, d| d.expires > now);
-                !inbox.messages.is_empty() || !inbox.dedup.is_empty()
+                !inbox.messages.is_empty() || now.duration_since(inbox.touched) < SEQ_RETENTION
             })
         });
         self.sessions.lock().retain(|_, s| s.expires > now);
@@ -310,6 +325,7 @@ impl Broker for MemoryBackend {
             });
         }
         inbox.next_seq += 1;
+        inbox.touched = now;
         let seq = inbox.next_seq;
         if let Some(id) = &new.id {
             inbox.dedup.insert(

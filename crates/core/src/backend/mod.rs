@@ -133,6 +133,10 @@ pub trait DeliverySink: Send + Sync {
     fn direct(&self, message: Arc<DirectMessage>);
     fn system(&self, message: Arc<SystemMessage>);
     fn disconnect(&self, target: &DisconnectTarget);
+    /// The node lost publications of a room that history cannot give back (the broker was
+    /// unreachable too long, or its data was lost): members are told `recovered: false` with the
+    /// room's current position, so a gap is never silent.
+    fn reset(&self, room: &RoomName, position: &StreamPosition);
 }
 
 /// The channel layer: assigns offsets, keeps history, carries messages between nodes.
@@ -273,7 +277,7 @@ impl Default for BackendSettings {
     fn default() -> Self {
         BackendSettings {
             session_ttl_secs: 3600,
-            history_size: 1000,
+            history_size: 5000,
             history_ttl_secs: 600,
             dedup_window_secs: 120,
             inbox_ttl_secs: 86_400,
