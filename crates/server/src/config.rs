@@ -33,6 +33,30 @@ impl BackendKind {
     }
 }
 
+/// A list of strings, given as a TOML array or as one comma-separated string (environment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            List(Vec<String>),
+            One(String),
+        }
+        Ok(StringList(match Either::deserialize(d)? {
+            Either::List(list) => list,
+            Either::One(text) => text
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }))
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -55,8 +79,21 @@ pub struct Config {
     /// This node's name (in `welcome` frames and logs). Default: `switchyard-<port>`.
     pub node_id: Option<String>,
     pub backend: BackendKind,
-    /// Redis URL (`redis://` or `rediss://`) for `backend = "redis"`.
+    /// Redis URL (`redis://` or `rediss://`) of a standalone Redis, for `backend = "redis"`.
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster (instead of `redis_url`); in the environment a
+    /// comma-separated list: `SWITCHYARD_REDIS_CLUSTER_URLS=redis://a:7000,redis://b:7001`.
+    pub redis_cluster_urls: Option<StringList>,
+    /// Prefix of every Redis key and channel (sessions too: `<prefix>session:<id>`).
+    pub redis_key_prefix: String,
+    /// Longest wait for a Redis answer; a request that would wait longer fails with `UNAVAILABLE`.
+    pub redis_timeout_ms: u64,
+    /// Consecutive Redis failures that open the circuit breaker (requests then fail at once).
+    pub redis_breaker_failures: u32,
+    /// How long the circuit stays open before one probe request.
+    pub redis_breaker_cooldown_ms: u64,
+    /// How long a presence entry outlives its node (refreshed every third of it).
+    pub redis_presence_ttl_secs: u64,
     pub log_format: LogFormat,
 
     pub session_ttl_secs: u64,
@@ -113,6 +150,12 @@ impl Default for Config {
             node_id: None,
             backend: BackendKind::Memory,
             redis_url: None,
+            redis_cluster_urls: None,
+            redis_key_prefix: String::new(),
+            redis_timeout_ms: 500,
+            redis_breaker_failures: 3,
+            redis_breaker_cooldown_ms: 2000,
+            redis_presence_ttl_secs: 60,
             log_format: LogFormat::Auto,
             session_ttl_secs: backend.session_ttl_secs,
             history_size: backend.history_size,
@@ -239,17 +282,35 @@ impl Config {
         match self.backend {
             BackendKind::Memory => {}
             BackendKind::Redis => {
-                let Some(url) = &self.redis_url else {
-                    anyhow::bail!(
-                        "invalid configuration: `backend = \"redis\"` needs `redis_url` (SWITCHYARD_REDIS_URL)"
-                    );
+                let urls: Vec<&String> = match (&self.redis_url, &self.redis_cluster_urls) {
+                    (Some(_), Some(_)) => anyhow::bail!(
+                        "invalid configuration: set either `redis_url` (standalone) or `redis_cluster_urls` (Cluster), not both"
+                    ),
+                    (None, None) => anyhow::bail!(
+                        "invalid configuration: `backend = \"redis\"` needs `redis_url` (SWITCHYARD_REDIS_URL) or `redis_cluster_urls`"
+                    ),
+                    (Some(url), None) => vec![url],
+                    (None, Some(list)) if list.0.is_empty() => {
+                        anyhow::bail!("invalid configuration: `redis_cluster_urls` is empty")
+                    }
+                    (None, Some(list)) => list.0.iter().collect(),
                 };
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    anyhow::bail!("invalid configuration: `redis_url` must start with redis:// or rediss://");
+                for url in urls {
+                    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                        anyhow::bail!(
+                            "invalid configuration: Redis URL `{url}` must start with redis:// or rediss://"
+                        );
+                    }
                 }
-                anyhow::bail!(
-                    "invalid configuration: `backend = \"redis\"` is not available in this build yet; use \"memory\""
-                );
+                for (name, value) in [
+                    ("redis_timeout_ms", self.redis_timeout_ms),
+                    ("redis_breaker_failures", u64::from(self.redis_breaker_failures)),
+                    ("redis_presence_ttl_secs", self.redis_presence_ttl_secs),
+                ] {
+                    if value == 0 {
+                        anyhow::bail!("invalid configuration: `{name}` must be greater than 0");
+                    }
+                }
             }
         }
         if self.api_key.is_none() && !self.listen.ip().is_loopback() {
@@ -260,6 +321,22 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Redis settings, for `backend = "redis"` (validated by `load`).
+    pub fn redis_settings(&self) -> Option<switchyard_redis::RedisSettings> {
+        let topology = match (&self.redis_url, &self.redis_cluster_urls) {
+            (Some(url), _) => switchyard_redis::Topology::Standalone(url.clone()),
+            (None, Some(list)) => switchyard_redis::Topology::Cluster(list.0.clone()),
+            (None, None) => return None,
+        };
+        let mut settings = switchyard_redis::RedisSettings::new(topology);
+        settings.key_prefix = self.redis_key_prefix.clone();
+        settings.timeouts.response = Duration::from_millis(self.redis_timeout_ms);
+        settings.breaker_failures = self.redis_breaker_failures;
+        settings.breaker_cooldown = Duration::from_millis(self.redis_breaker_cooldown_ms);
+        settings.presence_ttl = Duration::from_secs(self.redis_presence_ttl_secs);
+        Some(settings)
     }
 
     pub fn backend_settings(&self) -> BackendSettings {

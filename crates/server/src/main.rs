@@ -44,7 +44,8 @@ struct ServeArgs {
     /// Name of this node in welcome frames and logs [env: SWITCHYARD_NODE_ID]
     #[arg(long, value_name = "NAME")]
     node_id: Option<String>,
-    /// Backend: memory (embedded, one node) [env: SWITCHYARD_BACKEND]
+    /// Backend: memory (embedded, one node) or redis (many nodes; needs --redis-url or
+    /// redis_cluster_urls) [env: SWITCHYARD_BACKEND]
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
     /// Redis URL for --backend redis [env: SWITCHYARD_REDIS_URL]

@@ -13,6 +13,7 @@ use switchyard_core::backend::memory::MemoryBackend;
 use switchyard_core::clock::Clock;
 use switchyard_core::metrics::Metrics;
 use switchyard_core::node::Node;
+use switchyard_redis::RedisBackend;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,6 +52,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stop_background = CancellationToken::new();
     let clock = Clock::new();
     tokio::spawn(clock.clone().run(stop_background.clone()));
+    let metrics = Arc::new(Metrics::new());
     let backends = match config.backend {
         BackendKind::Memory => {
             let memory = MemoryBackend::new(config.backend_settings());
@@ -65,14 +67,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 presence: memory,
             }
         }
-        BackendKind::Redis => anyhow::bail!("the redis backend is not available in this build"),
+        BackendKind::Redis => {
+            let redis = config.redis_settings().context("redis settings missing")?;
+            let backend = RedisBackend::connect(
+                config.backend_settings(),
+                redis,
+                metrics.clone(),
+                stop_background.clone(),
+            )
+            .await
+            .context("cannot start the redis backend")?;
+            backend.backends()
+        }
     };
-    let node = Node::new(
-        config.node_settings(node_id.clone()),
-        backends,
-        Arc::new(Metrics::new()),
-        clock,
-    );
+    let node = Node::new(config.node_settings(node_id.clone()), backends, metrics, clock);
     tokio::spawn(node.clone().run_sweeper(stop_background.clone()));
 
     let tasks = TaskTracker::new();

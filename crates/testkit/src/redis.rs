@@ -1,0 +1,233 @@
+//! Real Redis processes for tests: a standalone server or a 3-master/3-replica cluster on free
+//! loopback ports, in a temporary directory, killed (and the directory removed) when dropped. A
+//! test fails, never skips, when Redis cannot start.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+fn free_port_pair() -> u16 {
+    // Cluster nodes also listen on port + 10000 (the cluster bus).
+    for _ in 0..200 {
+        let port = 20_000 + (rand::random::<u16>() % 25_000);
+        let ok = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+        if ok {
+            return port;
+        }
+    }
+    panic!("no free port pair found");
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-{tag}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn wait_for_ping(port: u16) -> bool {
+    let url = format!("redis://127.0.0.1:{port}/");
+    for _ in 0..100 {
+        if let Ok(client) = redis::Client::open(url.as_str())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// One redis-server process.
+pub struct RedisProcess {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl RedisProcess {
+    /// Starts a standalone server (no persistence).
+    pub async fn start() -> RedisProcess {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> RedisProcess {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for _ in 0..5 {
+            let port = free_port_pair();
+            let mut process = RedisProcess {
+                child: None,
+                port,
+                dir: temp_dir("redis"),
+                extra: extra.clone(),
+            };
+            if process.spawn().await {
+                return process;
+            }
+        }
+        panic!("redis-server could not be started (is it installed? scripts/test installs it)");
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let mut command = Command::new("redis-server");
+        command
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--protected-mode")
+            .arg("no")
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let Ok(child) = command.spawn() else {
+            panic!("cannot run redis-server: is it installed?")
+        };
+        self.child = Some(child);
+        if wait_for_ping(self.port).await {
+            true
+        } else {
+            self.kill().await;
+            false
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts it again on the same port (data is gone: no persistence).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        assert!(
+            self.spawn().await,
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    /// Stops it gracefully (SIGTERM) — like `kill`, but lets Redis close its connections.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three masters with one replica each.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let dir_conf = format!("nodes-{:08x}.conf", rand::random::<u32>());
+            nodes.push(
+                RedisProcess::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &dir_conf,
+                    "--cluster-node-timeout",
+                    "1500",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ])
+                .await,
+            );
+        }
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .arg("--cluster-replicas")
+            .arg("1")
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every live node reports `cluster_state:ok`.
+    pub async fn wait_ok(&self) {
+        for _ in 0..200 {
+            let mut all_ok = true;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let info = async {
+                    let client = redis::Client::open(node.url()).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                }
+                .await;
+                if !info.is_some_and(|i| i.contains("cluster_state:ok")) {
+                    all_ok = false;
+                }
+            }
+            if all_ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the cluster did not reach cluster_state:ok");
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.url())
+            .collect()
+    }
+}
