@@ -58,6 +58,8 @@ pub struct Client {
     ws: WebSocketStream<TcpStream>,
     timeout: Duration,
     next_ref: u64,
+    /// Events that arrived while waiting for a reply; `recv` returns them first.
+    stash: std::collections::VecDeque<Event>,
 }
 
 impl std::fmt::Debug for Client {
@@ -134,6 +136,7 @@ impl Client {
             ws,
             timeout: options.timeout,
             next_ref: 1,
+            stash: Default::default(),
         })
     }
 
@@ -170,6 +173,9 @@ impl Client {
 
     /// The next event (pings are answered and skipped).
     pub async fn recv(&mut self) -> anyhow::Result<Event> {
+        if let Some(event) = self.stash.pop_front() {
+            return Ok(event);
+        }
         let timeout = self.timeout;
         tokio::time::timeout(timeout, self.recv_untimed())
             .await
@@ -336,10 +342,11 @@ impl Client {
         }
     }
 
-    /// Waits for the reply carrying `reference` (an ack, result or error), skipping other frames.
+    /// Waits for the reply carrying `reference` (an ack, result or error). Frames that arrive
+    /// first are kept and returned by later `recv` calls, in order.
     pub async fn reply(&mut self, reference: &Ref) -> anyhow::Result<ServerFrame> {
         let wanted = Some(reference.clone());
-        self.until("reply", |frame| match frame {
+        let is_reply = |frame: &ServerFrame| match frame {
             ServerFrame::Joined { reference, .. }
             | ServerFrame::Left { reference, .. }
             | ServerFrame::Presence { reference, .. }
@@ -348,8 +355,26 @@ impl Client {
             | ServerFrame::Error { reference, .. }
             | ServerFrame::Pong { reference } => *reference == wanted,
             _ => false,
-        })
-        .await
+        };
+        let mut skipped = std::collections::VecDeque::new();
+        let result = loop {
+            let event = match self.recv().await {
+                Ok(event) => event,
+                Err(e) => break Err(e.context("waiting for a reply")),
+            };
+            match event {
+                Event::Frame(frame) if is_reply(&frame) => break Ok(frame),
+                closed @ Event::Closed { .. } => {
+                    let message = format!("{closed:?} while waiting for a reply");
+                    skipped.push_back(closed);
+                    break Err(anyhow!(message));
+                }
+                other => skipped.push_back(other),
+            }
+        };
+        skipped.append(&mut self.stash);
+        self.stash = skipped;
+        result
     }
 
     /// Closes the connection normally.

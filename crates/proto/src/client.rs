@@ -192,6 +192,9 @@ fn payload(field: Option<&RawValue>, kind: &str, r: &Option<Ref>) -> Result<Payl
 /// Reads just the `ref` of a frame whose other fields are invalid, so the error can still be matched
 /// to its request.
 fn salvage_ref(text: &str) -> Option<Ref> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
     #[derive(Deserialize)]
     struct OnlyRef<'a> {
         #[serde(rename = "ref", borrow, default)]
