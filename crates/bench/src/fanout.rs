@@ -1,0 +1,1047 @@
+//! The `fanout` scenario: S subscribers spread over K rooms, P publishers that publish timestamped
+//! payloads to their rooms (at a fixed rate, or as fast as acknowledgements allow with at most W
+//! publishes in flight), for a fixed duration. Subscribers check that offsets arrive consecutively
+//! (per subscriber and room) and measure the latency from the timestamp in the payload. The report
+//! has deliveries per second, latency percentiles, lost and out-of-order counts per room, and the
+//! CPU time the load generator (and, given its pid, the server) spent per delivery.
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::histogram::{Histogram, Percentiles};
+use crate::procfs::{self, now_ns};
+use crate::scan::{self, FrameKind, SENT_NS_KEY};
+use crate::session::{ConnectSpec, connect_and_join, create_sessions, room_offset};
+use crate::target::{Target, check_open_files};
+use crate::ws::{Incoming, WsConnection};
+
+/// How fast each publisher publishes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PublishRate {
+    /// Publications per second, per publisher.
+    PerSecond(f64),
+    /// As fast as acknowledgements come back, with at most `window` in flight.
+    Max,
+}
+
+impl FromStr for PublishRate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("max") {
+            return Ok(PublishRate::Max);
+        }
+        match s.parse::<f64>() {
+            Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(PublishRate::PerSecond(rate)),
+            _ => Err(format!(
+                "expected a positive number of publications per second or `max`, got {s}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PublishRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishRate::PerSecond(rate) => write!(f, "{rate}/s per publisher"),
+            PublishRate::Max => f.write_str("max"),
+        }
+    }
+}
+
+impl Serialize for PublishRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PublishRate::PerSecond(rate) => s.serialize_f64(*rate),
+            PublishRate::Max => s.serialize_str("max"),
+        }
+    }
+}
+
+/// Settings of the `fanout` scenario.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FanoutConfig {
+    /// Base URL of the server, e.g. http://127.0.0.1:8000
+    #[arg(long)]
+    pub url: String,
+    /// Subscribers, spread round-robin over the rooms
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Rooms
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Publishers; each publishes round-robin to its room(s), and every room has at least one
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Publications per second per publisher, or `max`
+    #[arg(long, default_value = "max")]
+    pub rate: PublishRate,
+    /// Most unacknowledged publishes per publisher
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Seconds of publishing
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Size of each publication's `data` JSON, bytes (at least ~35 for the timestamp)
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Pid of the server process, to report its CPU time per delivery and its VmRSS
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.K the connections are spread over
+    #[arg(long, default_value_t = 1)]
+    pub sources: u8,
+    /// Sessions (users) the subscribers are spread over
+    #[arg(long, default_value_t = 100)]
+    pub sessions: usize,
+    /// New subscriber connections per second while setting up
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Read buffer per connection, bytes
+    #[arg(long, default_value_t = 4096)]
+    pub read_buffer: usize,
+    /// Seconds subscribers may take, after publishing stopped, to receive the last publication
+    #[arg(long, default_value_t = 10.0)]
+    pub drain_timeout: f64,
+    /// Seconds allowed for one connection's connect, welcome and join
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Allow a target that is not a loopback address
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+impl FanoutConfig {
+    /// The defaults of the command line, for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        FanoutConfig {
+            url: url.into(),
+            subscribers: 100,
+            rooms: 1,
+            publishers: 1,
+            rate: PublishRate::Max,
+            window: 16,
+            duration: 10.0,
+            payload: 100,
+            server_pid: None,
+            sources: 1,
+            sessions: 100,
+            connect_rate: 2000.0,
+            read_buffer: 4096,
+            drain_timeout: 10.0,
+            connect_timeout: 10.0,
+            allow_remote: false,
+        }
+    }
+}
+
+/// Delivery checks of one room.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoomReport {
+    pub room: String,
+    pub subscribers: usize,
+    pub publications: u64,
+    pub deliveries: u64,
+    pub expected_deliveries: u64,
+    /// Publications a subscriber never received (gaps, and what was missing at the end).
+    pub lost: u64,
+    /// Deliveries whose offset was not greater than the previous one.
+    pub out_of_order: u64,
+}
+
+/// What the `fanout` scenario measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    pub scenario: &'static str,
+    pub subscribers: usize,
+    pub subscribers_connected: usize,
+    /// Subscribers that the server closed (or that broke) during the run, e.g. slow consumers (4008).
+    pub subscribers_dropped: usize,
+    pub rooms: usize,
+    pub publishers: usize,
+    pub rate: PublishRate,
+    pub window: usize,
+    pub payload_bytes: usize,
+    pub duration_secs: f64,
+    /// Publications stored in the rooms (the rooms' final offsets, read over the HTTP API).
+    pub publications: u64,
+    /// Publish frames written.
+    pub sent: u64,
+    /// Publishes acknowledged with an offset.
+    pub acknowledged: u64,
+    pub publish_errors: u64,
+    /// Publishes without a reply when the publisher stopped (gave up waiting, or was closed).
+    pub unacknowledged: u64,
+    /// Publishers that the server closed (or that broke) before they were done; a publisher is a
+    /// member of its rooms, so it can be closed as a slow consumer like any subscriber.
+    pub publishers_dropped: usize,
+    pub publications_per_sec: f64,
+    pub deliveries: u64,
+    pub expected_deliveries: u64,
+    /// From the first publish to the last delivery.
+    pub delivery_secs: f64,
+    pub deliveries_per_sec: f64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    /// From the send timestamp in the payload to the subscriber's read.
+    pub latency: Percentiles,
+    pub per_room: Vec<RoomReport>,
+    pub bench_cpu_secs: f64,
+    pub bench_cpu_us_per_delivery: f64,
+    pub server_cpu_secs: Option<f64>,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub server_rss_kib: Option<u64>,
+    /// Close codes (or errors) of dropped subscribers and failed connections, a few of each.
+    pub failure_samples: Vec<String>,
+}
+
+impl std::fmt::Display for FanoutReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "fanout: {} subscribers over {} room(s), {} publisher(s) at {} (window {}), payload {} B, {:.1} s",
+            self.subscribers,
+            self.rooms,
+            self.publishers,
+            self.rate,
+            self.window,
+            self.payload_bytes,
+            self.duration_secs
+        )?;
+        writeln!(
+            f,
+            "  subscribers connected {} / dropped {}; publishers dropped {}",
+            self.subscribers_connected, self.subscribers_dropped, self.publishers_dropped
+        )?;
+        writeln!(
+            f,
+            "  publications {} stored ({:.0}/s): {} sent, {} acknowledged, {} errors, {} unacknowledged",
+            self.publications,
+            self.publications_per_sec,
+            self.sent,
+            self.acknowledged,
+            self.publish_errors,
+            self.unacknowledged
+        )?;
+        writeln!(
+            f,
+            "  deliveries {} of {} expected in {:.2} s → {:.0} deliveries/s; lost {}, out of order {}",
+            self.deliveries,
+            self.expected_deliveries,
+            self.delivery_secs,
+            self.deliveries_per_sec,
+            self.lost,
+            self.out_of_order
+        )?;
+        writeln!(f, "  latency: {}", self.latency)?;
+        write!(
+            f,
+            "  load generator CPU {:.2} s = {:.2} µs per delivery",
+            self.bench_cpu_secs, self.bench_cpu_us_per_delivery
+        )?;
+        if let (Some(cpu), Some(per)) = (self.server_cpu_secs, self.server_cpu_us_per_delivery) {
+            write!(f, "; server CPU {cpu:.2} s = {per:.2} µs per delivery")?;
+        }
+        if let Some(rss) = self.server_rss_kib {
+            write!(f, "; server RSS {rss} KiB")?;
+        }
+        writeln!(f)?;
+        if self.per_room.len() > 1 {
+            for room in &self.per_room {
+                writeln!(
+                    f,
+                    "  room {}: {} subscribers, {} publications, {} of {} deliveries, lost {}, out of order {}",
+                    room.room,
+                    room.subscribers,
+                    room.publications,
+                    room.deliveries,
+                    room.expected_deliveries,
+                    room.lost,
+                    room.out_of_order
+                )?;
+            }
+        }
+        for sample in &self.failure_samples {
+            writeln!(f, "  failure: {sample}")?;
+        }
+        Ok(())
+    }
+}
+
+const MAX_FAILURE_SAMPLES: usize = 5;
+
+/// The rooms publisher `publisher` of `publishers` publishes to, out of `rooms`.
+pub fn publisher_rooms(publisher: usize, publishers: usize, rooms: usize) -> Vec<usize> {
+    if publishers >= rooms {
+        vec![publisher % rooms]
+    } else {
+        (publisher..rooms).step_by(publishers).collect()
+    }
+}
+
+/// Runs the `fanout` scenario to completion (it stops by itself).
+pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
+    procfs::now_ns();
+    validate(&cfg)?;
+    check_open_files(cfg.subscribers + cfg.publishers)?;
+    let target = Arc::new(Target::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?);
+    let run_id = crate::run_id();
+    let room_names: Arc<Vec<String>> =
+        Arc::new((0..cfg.rooms).map(|k| format!("bench-{run_id}-{k}")).collect());
+    let session_count = cfg.sessions.clamp(1, cfg.subscribers);
+    let subscriber_sessions = create_sessions(&target, &format!("bench-sub-{run_id}"), session_count).await?;
+    let publisher_sessions = create_sessions(&target, &format!("bench-pub-{run_id}"), cfg.publishers).await?;
+    let connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
+    let mut failure_samples = Vec::new();
+
+    // Subscribers: connect and join at the connect rate, then wait for the final offsets.
+    let (finals_tx, finals_rx) = watch::channel::<Option<Finals>>(None);
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(cfg.subscribers);
+    let mut subscriber_tasks = JoinSet::new();
+    let interval = Duration::from_secs_f64(1.0 / cfg.connect_rate);
+    let setup_started = Instant::now();
+    for index in 0..cfg.subscribers {
+        tokio::time::sleep_until(setup_started + interval.mul_f64(index as f64)).await;
+        let room = index % cfg.rooms;
+        let subscriber = Subscriber {
+            target: target.clone(),
+            index,
+            session: subscriber_sessions[index % subscriber_sessions.len()].clone(),
+            room,
+            room_name: room_names[room].clone(),
+            read_buffer: cfg.read_buffer,
+            timeout: connect_timeout,
+            ready: ready_tx.clone(),
+            finals: finals_rx.clone(),
+        };
+        subscriber_tasks.spawn(subscriber.run());
+    }
+    drop(ready_tx);
+    let mut subscribers_connected = 0;
+    let mut subscribers_answered = 0;
+    let ready_deadline = Instant::now() + connect_timeout + Duration::from_secs(5);
+    while subscribers_answered < cfg.subscribers {
+        match tokio::time::timeout_at(ready_deadline, ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => {
+                subscribers_connected += 1;
+                subscribers_answered += 1;
+            }
+            Ok(Some(Err(message))) => {
+                subscribers_answered += 1;
+                if failure_samples.len() < MAX_FAILURE_SAMPLES {
+                    failure_samples.push(format!("subscriber: {message}"));
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    eprintln!(
+        "fanout: {subscribers_connected} of {} subscribers joined in {:.1} s; starting {} publisher(s)",
+        cfg.subscribers,
+        setup_started.elapsed().as_secs_f64(),
+        cfg.publishers
+    );
+
+    // Publishers: connect and join, then start together.
+    let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
+    let mut publisher_tasks = JoinSet::new();
+    let (publisher_ready_tx, mut publisher_ready_rx) = mpsc::channel::<()>(cfg.publishers);
+    for (index, session) in publisher_sessions.into_iter().enumerate() {
+        let rooms: Vec<usize> = publisher_rooms(index, cfg.publishers, cfg.rooms);
+        let publisher = Publisher {
+            target: target.clone(),
+            index: cfg.subscribers + index,
+            session,
+            room_names: rooms.iter().map(|&k| room_names[k].clone()).collect(),
+            rooms,
+            rate: cfg.rate,
+            window: cfg.window,
+            duration: Duration::from_secs_f64(cfg.duration),
+            payload: cfg.payload,
+            read_buffer: cfg.read_buffer,
+            timeout: connect_timeout,
+            drain_timeout: Duration::from_secs_f64(cfg.drain_timeout),
+            ready: publisher_ready_tx.clone(),
+            start: start_rx.clone(),
+        };
+        publisher_tasks.spawn(publisher.run());
+    }
+    drop(publisher_ready_tx);
+    let publisher_ready_deadline = Instant::now() + connect_timeout + Duration::from_secs(5);
+    let mut publishers_ready = 0;
+    while publishers_ready < cfg.publishers {
+        match tokio::time::timeout_at(publisher_ready_deadline, publisher_ready_rx.recv()).await {
+            Ok(Some(())) => publishers_ready += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+
+    // The rooms are fresh, but read where they start anyway: publications = final − initial offset.
+    let mut base_offsets = Vec::with_capacity(cfg.rooms);
+    for name in room_names.iter() {
+        base_offsets.push(room_offset(&target, name).await?);
+    }
+    let cpu_before = procfs::own_cpu_secs()?;
+    let server_cpu_before = match cfg.server_pid {
+        Some(pid) => Some(procfs::cpu_secs(pid).context("reading the server's CPU time")?),
+        None => None,
+    };
+    let publish_started = Instant::now();
+    let publish_started_ns = now_ns();
+    let _ = start_tx.send(Some(publish_started));
+
+    let mut per_room: Vec<RoomReport> = room_names
+        .iter()
+        .map(|name| RoomReport {
+            room: name.clone(),
+            ..RoomReport::default()
+        })
+        .collect();
+    let mut sent = 0;
+    let mut acknowledged = 0;
+    let mut publish_errors = 0;
+    let mut unacknowledged = 0;
+    let mut publishers_dropped = 0;
+    while let Some(joined) = publisher_tasks.join_next().await {
+        let report = match joined {
+            Ok(report) => report,
+            Err(e) => {
+                publishers_dropped += 1;
+                failure_samples.push(format!("publisher task: {e}"));
+                continue;
+            }
+        };
+        sent += report.sent;
+        publish_errors += report.errors;
+        unacknowledged += report.unacknowledged;
+        acknowledged += report.rooms.iter().map(|(_, acked, _)| acked).sum::<u64>();
+        for sample in [
+            report.first_error.map(|e| format!("publish error: {e}")),
+            report.failure.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if failure_samples.len() < MAX_FAILURE_SAMPLES {
+                failure_samples.push(format!("publisher: {sample}"));
+            }
+        }
+        if report.failure.is_some() {
+            publishers_dropped += 1;
+        }
+    }
+    let publishing_secs = publish_started.elapsed().as_secs_f64();
+    // The server's own offsets count every stored publication, also those whose acknowledgement
+    // a dropped publisher never read.
+    let mut top_offsets = Vec::with_capacity(cfg.rooms);
+    for (room, name) in room_names.iter().enumerate() {
+        let top = room_offset(&target, name).await?;
+        per_room[room].publications = top.saturating_sub(base_offsets[room]);
+        top_offsets.push(top);
+    }
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(cfg.drain_timeout);
+    let _ = finals_tx.send(Some(Finals {
+        top_offsets: Arc::new(top_offsets),
+        deadline: drain_deadline,
+    }));
+
+    let mut latency = Histogram::new();
+    let mut subscribers_dropped = 0;
+    let mut last_delivery_ns = publish_started_ns;
+    let subscribers_done = tokio::time::timeout_at(drain_deadline + Duration::from_secs(5), async {
+        let mut reports = Vec::new();
+        while let Some(joined) = subscriber_tasks.join_next().await {
+            reports.push(joined);
+        }
+        reports
+    })
+    .await;
+    let subscriber_reports = match subscribers_done {
+        Ok(reports) => reports,
+        Err(_) => {
+            subscriber_tasks.abort_all();
+            bail!("subscribers did not finish within the drain timeout");
+        }
+    };
+    let cpu_secs = procfs::own_cpu_secs()? - cpu_before;
+    let server_cpu_secs = match (cfg.server_pid, server_cpu_before) {
+        (Some(pid), Some(before)) => {
+            Some(procfs::cpu_secs(pid).context("reading the server's CPU time")? - before)
+        }
+        _ => None,
+    };
+    let server_rss_kib = match cfg.server_pid {
+        Some(pid) => Some(procfs::rss_kib(pid)?),
+        None => None,
+    };
+    for joined in subscriber_reports {
+        let report = match joined {
+            Ok(report) => report,
+            Err(e) => {
+                failure_samples.push(format!("subscriber task: {e}"));
+                continue;
+            }
+        };
+        let Some(report) = report else { continue };
+        let room = &mut per_room[report.room];
+        room.subscribers += 1;
+        room.deliveries += report.deliveries;
+        room.lost += report.lost;
+        room.out_of_order += report.out_of_order;
+        latency.merge(&report.latency);
+        if report.deliveries > 0 {
+            last_delivery_ns = last_delivery_ns.max(report.last_delivery_ns);
+        }
+        if let Some(ended) = report.ended_early {
+            subscribers_dropped += 1;
+            if failure_samples.len() < MAX_FAILURE_SAMPLES {
+                failure_samples.push(format!("subscriber dropped: {ended}"));
+            }
+        }
+    }
+    for room in &mut per_room {
+        room.expected_deliveries = room.publications * room.subscribers as u64;
+    }
+    if acknowledged == 0 && publishers_dropped == cfg.publishers {
+        bail!("every publisher failed: {}", failure_samples.join("; "));
+    }
+    let publications: u64 = per_room.iter().map(|r| r.publications).sum();
+    let deliveries: u64 = per_room.iter().map(|r| r.deliveries).sum();
+    let delivery_secs = (last_delivery_ns.saturating_sub(publish_started_ns)) as f64 / 1e9;
+    let per_delivery_us = |cpu: f64| {
+        if deliveries > 0 {
+            cpu * 1e6 / deliveries as f64
+        } else {
+            0.0
+        }
+    };
+    Ok(FanoutReport {
+        scenario: "fanout",
+        subscribers: cfg.subscribers,
+        subscribers_connected,
+        subscribers_dropped,
+        rooms: cfg.rooms,
+        publishers: cfg.publishers,
+        rate: cfg.rate,
+        window: cfg.window,
+        payload_bytes: cfg.payload,
+        duration_secs: cfg.duration,
+        publications,
+        sent,
+        acknowledged,
+        publish_errors,
+        unacknowledged,
+        publishers_dropped,
+        publications_per_sec: if publishing_secs > 0.0 {
+            publications as f64 / publishing_secs
+        } else {
+            0.0
+        },
+        deliveries,
+        expected_deliveries: per_room.iter().map(|r| r.expected_deliveries).sum(),
+        delivery_secs,
+        deliveries_per_sec: if delivery_secs > 0.0 {
+            deliveries as f64 / delivery_secs
+        } else {
+            0.0
+        },
+        lost: per_room.iter().map(|r| r.lost).sum(),
+        out_of_order: per_room.iter().map(|r| r.out_of_order).sum(),
+        latency: latency.percentiles(),
+        per_room,
+        bench_cpu_secs: cpu_secs,
+        bench_cpu_us_per_delivery: per_delivery_us(cpu_secs),
+        server_cpu_secs,
+        server_cpu_us_per_delivery: server_cpu_secs.map(per_delivery_us),
+        server_rss_kib,
+        failure_samples,
+    })
+}
+
+fn validate(cfg: &FanoutConfig) -> anyhow::Result<()> {
+    if cfg.subscribers == 0 || cfg.rooms == 0 || cfg.publishers == 0 {
+        bail!("--subscribers, --rooms and --publishers must each be at least 1");
+    }
+    if cfg.rooms > cfg.subscribers {
+        bail!(
+            "--rooms ({}) must not exceed --subscribers ({})",
+            cfg.rooms,
+            cfg.subscribers
+        );
+    }
+    if cfg.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    if !cfg.duration.is_finite() || cfg.duration <= 0.0 || cfg.duration > 3600.0 {
+        bail!("--duration must be between 0 and 3600 seconds");
+    }
+    if cfg.connect_rate.is_nan() || cfg.connect_rate <= 0.0 {
+        bail!("--connect-rate must be positive");
+    }
+    if cfg.drain_timeout.is_nan()
+        || cfg.drain_timeout < 0.0
+        || cfg.connect_timeout.is_nan()
+        || cfg.connect_timeout <= 0.0
+    {
+        bail!("--drain-timeout must be ≥ 0 and --connect-timeout positive");
+    }
+    if cfg.payload > 60 * 1024 {
+        bail!("--payload must be at most 61440 bytes (the server's default frame limit is 64 KiB)");
+    }
+    Ok(())
+}
+
+/// What subscribers learn once publishing has stopped.
+#[derive(Debug, Clone)]
+struct Finals {
+    /// Per room, the highest acknowledged offset.
+    top_offsets: Arc<Vec<u64>>,
+    /// Subscribers stop waiting for missing publications at this instant.
+    deadline: Instant,
+}
+
+struct SubscriberReport {
+    room: usize,
+    deliveries: u64,
+    lost: u64,
+    out_of_order: u64,
+    latency: Histogram,
+    last_delivery_ns: u64,
+    /// Why the connection ended before the subscriber was done, if it did.
+    ended_early: Option<String>,
+}
+
+struct Subscriber {
+    target: Arc<Target>,
+    index: usize,
+    session: String,
+    room: usize,
+    room_name: String,
+    read_buffer: usize,
+    timeout: Duration,
+    ready: mpsc::Sender<Result<(), String>>,
+    finals: watch::Receiver<Option<Finals>>,
+}
+
+impl Subscriber {
+    /// Returns `None` if the subscriber never joined (already reported as a failure).
+    async fn run(mut self) -> Option<SubscriberReport> {
+        let rooms = [self.room_name.clone()];
+        let spec = ConnectSpec {
+            target: &self.target,
+            index: self.index,
+            session: &self.session,
+            rooms: &rooms,
+            read_buffer: self.read_buffer,
+            timeout: self.timeout,
+        };
+        let joined = match connect_and_join(spec).await {
+            Ok(joined) => joined,
+            Err(e) => {
+                let _ = self.ready.send(Err(format!("{e:#}"))).await;
+                return None;
+            }
+        };
+        let _ = self.ready.send(Ok(())).await;
+        drop(self.ready);
+        let mut ws = joined.ws;
+        let mut check = DeliveryCheck::new(joined.offset);
+        let ended_early = check.receive(&mut ws, &mut self.finals, self.room).await.err();
+        if ended_early.is_none() {
+            ws.close(Duration::from_secs(1)).await;
+        }
+        // A subscriber that ended early learns the final offset when the publishers are done.
+        let top = match self.finals.wait_for(Option::is_some).await {
+            Ok(finals) => finals.as_ref().map(|f| f.top_offsets[self.room]),
+            Err(_) => None,
+        };
+        if let Some(top) = top {
+            check.missing_up_to(top);
+        }
+        Some(SubscriberReport {
+            room: self.room,
+            deliveries: check.deliveries,
+            lost: check.lost,
+            out_of_order: check.out_of_order,
+            latency: check.latency,
+            last_delivery_ns: check.last_delivery_ns,
+            ended_early: ended_early.map(|e| format!("{e:#}")),
+        })
+    }
+}
+
+/// Offset and latency bookkeeping of one subscriber in one room.
+struct DeliveryCheck {
+    next_offset: u64,
+    deliveries: u64,
+    lost: u64,
+    out_of_order: u64,
+    latency: Histogram,
+    last_delivery_ns: u64,
+}
+
+impl DeliveryCheck {
+    fn new(joined_offset: u64) -> Self {
+        DeliveryCheck {
+            next_offset: joined_offset + 1,
+            deliveries: 0,
+            lost: 0,
+            out_of_order: 0,
+            latency: Histogram::new(),
+            last_delivery_ns: 0,
+        }
+    }
+
+    fn delivered(&mut self, offset: u64, sent_ns: Option<u64>, received_ns: u64) {
+        self.deliveries += 1;
+        self.last_delivery_ns = received_ns;
+        if let Some(sent) = sent_ns {
+            self.latency.record(received_ns.saturating_sub(sent));
+        }
+        if offset == self.next_offset {
+            self.next_offset += 1;
+        } else if offset > self.next_offset {
+            self.lost += offset - self.next_offset;
+            self.next_offset = offset + 1;
+        } else {
+            self.out_of_order += 1;
+        }
+    }
+
+    /// Receives until the room's final offset arrived or the drain deadline passed. An error means
+    /// the connection ended first; what it missed is counted as lost either way.
+    async fn receive(
+        &mut self,
+        ws: &mut WsConnection,
+        finals: &mut watch::Receiver<Option<Finals>>,
+        room: usize,
+    ) -> anyhow::Result<()> {
+        let mut target: Option<(u64, Instant)> = None;
+        loop {
+            let received_ns = now_ns();
+            let mut closed = None;
+            loop {
+                match ws.next_frame() {
+                    Ok(Some(Incoming::Message(frame))) => {
+                        if scan::frame_kind(frame) == FrameKind::Message
+                            && let Some(offset) = scan::offset(frame)
+                        {
+                            self.delivered(offset, scan::sent_ns(frame), received_ns);
+                        }
+                    }
+                    Ok(Some(Incoming::Closed { code })) => {
+                        closed = Some(anyhow::anyhow!("closed by the server with code {code:?}"));
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        closed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = closed {
+                break Err(e);
+            }
+            if let Some((top, _)) = target
+                && self.next_offset > top
+            {
+                break Ok(());
+            }
+            if let Err(e) = ws.flush().await {
+                break Err(e);
+            }
+            let deadline = target.map(|(_, deadline)| deadline);
+            tokio::select! {
+                read = ws.fill() => match read {
+                    Ok(0) => break Err(anyhow::anyhow!("the connection ended")),
+                    Ok(_) => {}
+                    Err(e) => break Err(anyhow::Error::new(e).context("reading failed")),
+                },
+                changed = finals.changed(), if target.is_none() => {
+                    if changed.is_err() {
+                        break Err(anyhow::anyhow!("the scenario ended"));
+                    }
+                    if let Some(finals) = finals.borrow_and_update().as_ref() {
+                        target = Some((finals.top_offsets[room], finals.deadline));
+                    }
+                }
+                _ = sleep_until_opt(deadline) => break Ok(()),
+            }
+        }
+    }
+
+    /// Counts every offset up to `top` that has not arrived as lost.
+    fn missing_up_to(&mut self, top: u64) {
+        if self.next_offset <= top {
+            self.lost += top + 1 - self.next_offset;
+            self.next_offset = top + 1;
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct PublisherReport {
+    /// Per room: (room index, acknowledged publications, highest acknowledged offset).
+    rooms: Vec<(usize, u64, u64)>,
+    sent: u64,
+    errors: u64,
+    unacknowledged: u64,
+    first_error: Option<String>,
+    /// Why the publisher stopped early (e.g. closed by the server), if it did.
+    failure: Option<String>,
+}
+
+struct Publisher {
+    target: Arc<Target>,
+    index: usize,
+    session: String,
+    rooms: Vec<usize>,
+    room_names: Vec<String>,
+    rate: PublishRate,
+    window: usize,
+    duration: Duration,
+    payload: usize,
+    read_buffer: usize,
+    timeout: Duration,
+    drain_timeout: Duration,
+    ready: mpsc::Sender<()>,
+    start: watch::Receiver<Option<Instant>>,
+}
+
+impl Publisher {
+    /// Connects, joins, publishes until the duration is over, then waits (bounded) for the last
+    /// acknowledgements. A failure is part of the report, so that what was acknowledged before it
+    /// still counts.
+    async fn run(mut self) -> PublisherReport {
+        let mut state = PublishState {
+            acked: vec![0; self.rooms.len()],
+            top: vec![0; self.rooms.len()],
+            in_flight: VecDeque::with_capacity(self.window),
+            sent: 0,
+            errors: 0,
+            first_error: None,
+        };
+        let spec = ConnectSpec {
+            target: &self.target,
+            index: self.index,
+            session: &self.session,
+            rooms: &self.room_names,
+            read_buffer: self.read_buffer,
+            timeout: self.timeout,
+        };
+        let joined = connect_and_join(spec).await;
+        let _ = self.ready.send(()).await;
+        let failure = match joined {
+            Ok(joined) => {
+                let mut ws = joined.ws;
+                match self.publish(&mut ws, &mut state).await {
+                    Ok(()) => {
+                        ws.close(Duration::from_secs(1)).await;
+                        None
+                    }
+                    Err(e) => Some(format!("{e:#}")),
+                }
+            }
+            Err(e) => Some(format!("could not connect and join: {e:#}")),
+        };
+        PublisherReport {
+            rooms: self
+                .rooms
+                .iter()
+                .enumerate()
+                .map(|(slot, &room)| (room, state.acked[slot], state.top[slot]))
+                .collect(),
+            sent: state.sent,
+            errors: state.errors,
+            unacknowledged: state.in_flight.len() as u64,
+            first_error: state.first_error,
+            failure,
+        }
+    }
+
+    async fn publish(&mut self, ws: &mut WsConnection, state: &mut PublishState) -> anyhow::Result<()> {
+        let started = loop {
+            if let Some(started) = *self.start.borrow_and_update() {
+                break started;
+            }
+            self.start
+                .changed()
+                .await
+                .context("the scenario ended before publishing started")?;
+        };
+        let stop_at = started + self.duration;
+        let interval = match self.rate {
+            PublishRate::PerSecond(rate) => Some(Duration::from_secs_f64(1.0 / rate)),
+            PublishRate::Max => None,
+        };
+        let mut next_send = started;
+        let mut next_reference: u64 = 100;
+        let mut next_room = 0;
+        let mut frame = Vec::with_capacity(self.payload + 128);
+        let mut drain_until = None;
+        loop {
+            let now = Instant::now();
+            if drain_until.is_none() && now >= stop_at {
+                drain_until = Some(now + self.drain_timeout);
+            }
+            if let Some(until) = drain_until
+                && (state.in_flight.is_empty() || now >= until)
+            {
+                return Ok(());
+            }
+            // Queue every publish that is due and fits in the window, then write them at once.
+            if drain_until.is_none() {
+                while state.in_flight.len() < self.window && next_send <= now {
+                    let slot = next_room;
+                    next_room = (next_room + 1) % self.rooms.len();
+                    encode_publish(&mut frame, &self.room_names[slot], next_reference, self.payload);
+                    next_reference += 1;
+                    ws.queue_text(&frame);
+                    state.in_flight.push_back(slot);
+                    state.sent += 1;
+                    match interval {
+                        Some(interval) => next_send += interval,
+                        None => next_send = now,
+                    }
+                }
+            }
+            ws.flush().await?;
+            let wake = match (drain_until, interval) {
+                (Some(until), _) => until,
+                (None, Some(_)) if state.in_flight.len() < self.window => next_send.min(stop_at),
+                (None, _) => stop_at,
+            };
+            tokio::select! {
+                read = ws.fill() => {
+                    let read = read.context("reading from the server failed")?;
+                    state.take_replies(ws)?;
+                    if read == 0 {
+                        bail!("the server ended the publisher's connection");
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+/// A publisher's bookkeeping: acknowledgements arrive in request order, so a FIFO of room slots
+/// tells which room each acknowledged offset belongs to.
+struct PublishState {
+    acked: Vec<u64>,
+    top: Vec<u64>,
+    in_flight: VecDeque<usize>,
+    sent: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl PublishState {
+    fn take_replies(&mut self, ws: &mut WsConnection) -> anyhow::Result<()> {
+        while let Some(incoming) = ws.next_frame()? {
+            let frame = match incoming {
+                Incoming::Message(frame) => frame,
+                Incoming::Closed { code } => {
+                    bail!("the server closed the publisher's connection (code {code:?})")
+                }
+            };
+            match scan::frame_kind(frame) {
+                FrameKind::Ack => {
+                    let Some(slot) = self.in_flight.pop_front() else {
+                        bail!("an ack arrived with no publish in flight");
+                    };
+                    self.acked[slot] += 1;
+                    if let Some(offset) = scan::offset(frame) {
+                        self.top[slot] = self.top[slot].max(offset);
+                    }
+                }
+                FrameKind::Error => {
+                    self.errors += 1;
+                    if self.first_error.is_none() {
+                        self.first_error = Some(String::from_utf8_lossy(frame).into_owned());
+                    }
+                    if scan::has_ref(frame) {
+                        self.in_flight.pop_front();
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `{"type":"publish","room":..,"ref":..,"data":{"sent_ns":..,"pad":".."}}` into `frame`,
+/// padding `data` to `payload` bytes (or as few as the timestamp needs).
+fn encode_publish(frame: &mut Vec<u8>, room: &str, reference: u64, payload: usize) {
+    frame.clear();
+    let _ = write!(
+        frame,
+        r#"{{"type":"publish","room":"{room}","ref":{reference},"data":"#
+    );
+    let data_start = frame.len();
+    let _ = write!(frame, r#"{{"{SENT_NS_KEY}":{},"pad":""#, now_ns());
+    let closing = br#""}"#;
+    let written = frame.len() - data_start + closing.len();
+    frame.resize(frame.len() + payload.saturating_sub(written), b'x');
+    frame.extend_from_slice(closing);
+    frame.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_frames_have_the_requested_data_size() {
+        let mut frame = Vec::new();
+        encode_publish(&mut frame, "r", 7, 100);
+        let value: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(value["type"], "publish");
+        assert_eq!(value["ref"], 7);
+        assert_eq!(value["data"].to_string().len(), 100);
+        assert!(value["data"][SENT_NS_KEY].as_u64().is_some());
+        encode_publish(&mut frame, "r", 8, 1);
+        let value: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(value["data"]["pad"], "");
+    }
+
+    #[test]
+    fn every_room_has_a_publisher() {
+        assert_eq!(publisher_rooms(0, 2, 5), vec![0, 2, 4]);
+        assert_eq!(publisher_rooms(1, 2, 5), vec![1, 3]);
+        assert_eq!(publisher_rooms(3, 4, 2), vec![1]);
+    }
+
+    #[test]
+    fn gaps_and_reorders_are_counted() {
+        let mut check = DeliveryCheck::new(0);
+        for offset in [1, 2, 4, 3, 5] {
+            check.delivered(offset, Some(0), 10);
+        }
+        assert_eq!((check.deliveries, check.lost, check.out_of_order), (5, 1, 1));
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!("max".parse::<PublishRate>().unwrap(), PublishRate::Max);
+        assert_eq!("50".parse::<PublishRate>().unwrap(), PublishRate::PerSecond(50.0));
+        assert!("0".parse::<PublishRate>().is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! The server under test: its URL, the loopback-only policy, the source addresses connections are
+//! spread over, and the open-file budget of this process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::procfs;
+use crate::ws::Endpoint;
+
+/// Open files kept free for everything that is not a test connection (runtime, HTTP calls, /proc).
+const SPARE_OPEN_FILES: u64 = 1000;
+
+/// A resolved target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    /// Addresses connections are bound to before connecting, used round-robin; empty means "let the
+    /// kernel choose".
+    pub sources: Vec<IpAddr>,
+}
+
+impl Target {
+    /// Parses `http://HOST:PORT`, refuses a non-loopback host unless `allow_remote`, and prepares
+    /// `sources` source addresses 127.0.0.1 ..= 127.0.0.K for a loopback target.
+    pub async fn resolve(url: &str, allow_remote: bool, sources: u8) -> anyhow::Result<Target> {
+        let parsed = url::Url::parse(url).with_context(|| format!("invalid URL {url}"))?;
+        if parsed.scheme() != "http" {
+            bail!("the URL must start with http:// (the server's base URL), got {url}");
+        }
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| anyhow!("URL {url} has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot resolve {host}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{host} resolves to no address"))?;
+        let loopback = addr.ip().is_loopback();
+        if !loopback && !allow_remote {
+            bail!(
+                "refusing to load {addr}: it is not a loopback address. Load tests target this machine \
+                 only, unless you pass --allow-remote for a server you own"
+            );
+        }
+        if sources == 0 {
+            bail!("--sources must be at least 1");
+        }
+        let sources = if loopback && addr.is_ipv4() {
+            (1..=sources)
+                .map(|last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+                .collect()
+        } else if sources > 1 {
+            bail!("--sources > 1 needs an IPv4 loopback target (127.0.0.x source addresses)");
+        } else {
+            Vec::new()
+        };
+        Ok(Target {
+            endpoint: Endpoint {
+                addr,
+                host: format!("{}:{}", parsed.host_str().unwrap_or("localhost"), port),
+            },
+            sources,
+        })
+    }
+
+    /// The source address of the `index`-th connection.
+    pub fn source(&self, index: usize) -> Option<IpAddr> {
+        if self.sources.is_empty() {
+            None
+        } else {
+            Some(self.sources[index % self.sources.len()])
+        }
+    }
+}
+
+/// Fails clearly when `connections` sockets would not fit under this process's open-file limit.
+pub fn check_open_files(connections: usize) -> anyhow::Result<()> {
+    let limit = procfs::open_files_limit()?;
+    let usable = limit.saturating_sub(SPARE_OPEN_FILES);
+    if connections as u64 > usable {
+        bail!(
+            "{connections} connections do not fit in one load-generator process: it may hold at most \
+             {limit} open files (its RLIMIT_NOFILE; on this machine 20,000 is also the hard limit), of \
+             which {SPARE_OPEN_FILES} are kept spare, so at most {usable} connections. Spreading the \
+             load over several worker processes is not implemented yet: run at most {usable} \
+             connections per process"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refuses_remote_targets_and_spreads_sources() {
+        let err = Target::resolve("http://192.0.2.1:80", false, 1)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a loopback"), "{err}");
+        let target = Target::resolve("http://127.0.0.1:9", false, 3).await.unwrap();
+        assert_eq!(target.sources.len(), 3);
+        assert_eq!(target.source(4), Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))));
+        assert_eq!(target.endpoint.host, "127.0.0.1:9");
+        assert!(check_open_files(10_000_000).is_err());
+        assert!(check_open_files(10).is_ok());
+    }
+}
