@@ -56,6 +56,8 @@ pub struct RedisSettings {
     pub breaker_cooldown: Duration,
     /// How long a presence entry lives without a refresh from its node.
     pub presence_ttl: Duration,
+    /// Replicas that must confirm a publication before it is acknowledged (0: the master's word).
+    pub ack_replicas: u32,
 }
 
 impl RedisSettings {
@@ -70,6 +72,7 @@ impl RedisSettings {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(2),
             presence_ttl: Duration::from_secs(60),
+            ack_replicas: 0,
         }
     }
 }
@@ -566,6 +569,41 @@ impl RedisBackend {
         })
     }
 
+    /// Waits until `ack_replicas` replicas of the master holding `key` have the writes made so far
+    /// on our connection to it (Redis `WAIT`). Without enough confirmations the publication may be
+    /// stored (and delivered) yet could be lost by a failover, so it is not acknowledged: the client
+    /// gets `UNAVAILABLE` and retries with the same `id`, which returns the stored offset.
+    async fn wait_for_replicas(&self, key: &str) -> BackendResult<()> {
+        let wanted = self.redis.ack_replicas;
+        let timeout_ms = u64::try_from(self.redis.timeouts.response.as_millis()).unwrap_or(500) / 2;
+        let wait = redis::cmd("WAIT").arg(wanted).arg(timeout_ms.max(1)).to_owned();
+        let confirmed: i64 = match &self.commands {
+            Commands::Standalone(_) => {
+                self.breaker
+                    .call("wait for replicas", self.commands.query(&wait))
+                    .await?
+            }
+            Commands::Cluster(connection) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                    keys::slot(key),
+                    SlotAddr::Master,
+                )));
+                let value = self
+                    .breaker
+                    .call("wait for replicas", connection.clone().route_command(wait, route))
+                    .await?;
+                value_u64(&value).and_then(|n| i64::try_from(n).ok()).unwrap_or(0)
+            }
+        };
+        if confirmed < i64::from(wanted) {
+            return Err(BackendError::Unavailable(format!(
+                "publication stored but confirmed by {confirmed} of {wanted} replicas; retry with the same id"
+            )));
+        }
+        Ok(())
+    }
+
     async fn publish_json(&self, channel: String, message: String) -> BackendResult<()> {
         let cmd = redis::cmd(self.publish_command)
             .arg(channel)
@@ -747,11 +785,18 @@ impl Broker for RedisBackend {
             .arg(self.settings.history_ttl_secs)
             .arg(self.settings.dedup_window_secs)
             .arg(self.keys.room_channel(room))
-            .arg(self.publish_command);
+            .arg(self.publish_command)
+            .arg(match self.redis.topology {
+                Topology::Standalone(_) => "standalone",
+                Topology::Cluster(_) => "cluster",
+            });
         let (offset, epoch, duplicate): (u64, String, u8) = self
             .breaker
             .call("publish", self.commands.invoke(&invocation))
             .await?;
+        if self.redis.ack_replicas > 0 {
+            self.wait_for_replicas(&self.keys.room_meta(room)).await?;
+        }
         Ok(PublishOutcome {
             offset,
             epoch,

@@ -9,9 +9,14 @@ use redis::Script;
 /// Publish: dedup check, next offset, history append (capped, with TTL), dedup record, and delivery
 /// on the room channel, in one step.
 ///
+/// On Redis Cluster the metadata also records which master wrote it (`m`, the node id). When a
+/// different master publishes — a replica promoted by a failover, which may lack the last writes
+/// its master acknowledged — the epoch changes, so no client mistakes the new master's offsets for
+/// the ones it saw before.
+///
 /// KEYS: meta, hist, dedup (the meta key again when there is no id).
 /// ARGV: from_json, data_json, id_json, id_raw, history_size, history_ttl_secs, dedup_secs, channel,
-/// publish command (PUBLISH or SPUBLISH).
+/// publish command (PUBLISH or SPUBLISH), mode ('cluster' or 'standalone').
 /// Returns {offset, epoch, duplicate(0|1)}.
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -26,6 +31,14 @@ if not epoch then
   epoch = string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+end
+if ARGV[10] == 'cluster' then
+  local me = redis.call('CLUSTER', 'MYID')
+  local writer = redis.call('HGET', KEYS[1], 'm')
+  if writer ~= me then
+    if writer then epoch = string.format('%x%05x', tonumber(t[1]), tonumber(t[2])) end
+    redis.call('HSET', KEYS[1], 'epoch', epoch, 'm', me)
+  end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
 local ts = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

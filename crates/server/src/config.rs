@@ -94,6 +94,9 @@ pub struct Config {
     pub redis_breaker_cooldown_ms: u64,
     /// How long a presence entry outlives its node (refreshed every third of it).
     pub redis_presence_ttl_secs: u64,
+    /// Replicas that must confirm a publication (Redis `WAIT`) before it is acknowledged; 0
+    /// acknowledges on the master's word. See docs/redis.md for what a failover can lose.
+    pub redis_ack_replicas: u32,
     pub log_format: LogFormat,
 
     pub session_ttl_secs: u64,
@@ -156,6 +159,7 @@ impl Default for Config {
             redis_breaker_failures: 3,
             redis_breaker_cooldown_ms: 2000,
             redis_presence_ttl_secs: 60,
+            redis_ack_replicas: 0,
             log_format: LogFormat::Auto,
             session_ttl_secs: backend.session_ttl_secs,
             history_size: backend.history_size,
@@ -336,6 +340,7 @@ impl Config {
         settings.breaker_failures = self.redis_breaker_failures;
         settings.breaker_cooldown = Duration::from_millis(self.redis_breaker_cooldown_ms);
         settings.presence_ttl = Duration::from_secs(self.redis_presence_ttl_secs);
+        settings.ack_replicas = self.redis_ack_replicas;
         Some(settings)
     }
 

@@ -22,8 +22,10 @@ async fn nodes(redis: &RedisProcess, n: usize) -> Vec<Server> {
 async fn messages(client: &mut Client, n: usize) -> Vec<(u64, serde_json::Value)> {
     let mut got = Vec::new();
     while got.len() < n {
-        if let ServerFrame::Message { offset, data, .. } =
-            client.until("message", |f| matches!(f, ServerFrame::Message { .. })).await.unwrap()
+        if let ServerFrame::Message { offset, data, .. } = client
+            .until("message", |f| matches!(f, ServerFrame::Message { .. }))
+            .await
+            .unwrap()
         {
             got.push((offset, data.to_value()));
         }
@@ -43,16 +45,26 @@ async fn publications_cross_nodes_in_offset_order() {
     }
     for round in 0..5 {
         for (i, client) in clients.iter_mut().enumerate() {
-            client.publish("r", json!({ "from": i, "round": round }), None).await.unwrap();
+            client
+                .publish("r", json!({ "from": i, "round": round }), None)
+                .await
+                .unwrap();
         }
     }
     let mut seen = Vec::new();
     for client in &mut clients {
         let got = messages(client, 15).await;
-        assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (1..=15).collect::<Vec<_>>(), "offset order, no gap");
+        assert_eq!(
+            got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (1..=15).collect::<Vec<_>>(),
+            "offset order, no gap"
+        );
         seen.push(got);
     }
-    assert!(seen.windows(2).all(|w| w[0] == w[1]), "every node delivers the same sequence");
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "every node delivers the same sequence"
+    );
 }
 
 #[tokio::test]
@@ -69,11 +81,19 @@ async fn rejoin_on_another_node_recovers_exactly_what_was_missed() {
     for n in 2..=4 {
         bob.publish("r", json!(n), None).await.unwrap();
     }
-    let mut alice = Client::connect(&nodes[1].ws_url(&format!("?session={session}"))).await.unwrap();
+    let mut alice = Client::connect(&nodes[1].ws_url(&format!("?session={session}")))
+        .await
+        .unwrap();
     alice.welcome().await.unwrap();
-    let (offset, _, recovered) = alice.join("r", Some(StreamPosition { offset: 1, epoch })).await.unwrap();
+    let (offset, _, recovered) = alice
+        .join("r", Some(StreamPosition { offset: 1, epoch }))
+        .await
+        .unwrap();
     assert_eq!((offset, recovered), (4, true));
-    assert_eq!(messages(&mut alice, 3).await, vec![(2, json!(2)), (3, json!(3)), (4, json!(4))]);
+    assert_eq!(
+        messages(&mut alice, 3).await,
+        vec![(2, json!(2)), (3, json!(3)), (4, json!(4))]
+    );
     bob.publish("r", json!(5), None).await.unwrap();
     assert_eq!(messages(&mut alice, 1).await, vec![(5, json!(5))]);
 }
@@ -91,11 +111,22 @@ async fn presence_history_and_idempotency_agree_on_every_node() {
         .await;
     assert!(diff.is_ok(), "presence_diff crosses nodes");
     let first = alice.publish("p", json!("once"), Some("k1")).await.unwrap();
-    let again = nodes[2].http.post("/api/publish", &json!({ "room": "p", "data": "once", "id": "k1" })).await.unwrap();
-    assert_eq!(again.body["offset"], first, "the same id on another node returns the first offset");
+    let again = nodes[2]
+        .http
+        .post(
+            "/api/publish",
+            &json!({ "room": "p", "data": "once", "id": "k1" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again.body["offset"], first,
+        "the same id on another node returns the first offset"
+    );
     assert_eq!(again.body["duplicate"], true);
     bob.publish("p", json!("twice"), None).await.unwrap();
-    let expected_users = json!([{ "user_id": "alice", "connections": 1 }, { "user_id": "bob", "connections": 1 }]);
+    let expected_users =
+        json!([{ "user_id": "alice", "connections": 1 }, { "user_id": "bob", "connections": 1 }]);
     let mut histories = Vec::new();
     for node in &nodes {
         let presence = node.http.get("/api/rooms/p/presence").await.unwrap();
@@ -103,9 +134,17 @@ async fn presence_history_and_idempotency_agree_on_every_node() {
         histories.push(node.http.get("/api/rooms/p/history").await.unwrap().body);
     }
     assert!(histories.windows(2).all(|w| w[0] == w[1]));
-    assert_eq!(histories[0]["publications"].as_array().unwrap().len(), 2, "the duplicate was not stored");
+    assert_eq!(
+        histories[0]["publications"].as_array().unwrap().len(),
+        2,
+        "the duplicate was not stored"
+    );
     let got = messages(&mut bob, 2).await;
-    assert_eq!(got, vec![(1, json!("once")), (2, json!("twice"))], "delivered once");
+    assert_eq!(
+        got,
+        vec![(1, json!("once")), (2, json!("twice"))],
+        "delivered once"
+    );
 }
 
 #[tokio::test]
@@ -114,25 +153,54 @@ async fn direct_broadcast_and_disconnect_reach_every_node() {
     let nodes = nodes(&redis, 3).await;
     let (mut alice, _) = nodes[0].connect("alice").await;
     let (mut bob_a, bob_session) = nodes[1].connect("bob").await;
-    let mut bob_b = Client::connect(&nodes[2].ws_url(&format!("?session={bob_session}"))).await.unwrap();
+    let mut bob_b = Client::connect(&nodes[2].ws_url(&format!("?session={bob_session}")))
+        .await
+        .unwrap();
     bob_b.welcome().await.unwrap();
     let seq = alice.direct("bob", json!("hi")).await.unwrap();
     for bob in [&mut bob_a, &mut bob_b] {
-        let frame = bob.until("direct", |f| matches!(f, ServerFrame::Direct { .. })).await.unwrap();
-        assert!(matches!(frame, ServerFrame::Direct { seq: s, .. } if s == seq), "{frame:?}");
+        let frame = bob
+            .until("direct", |f| matches!(f, ServerFrame::Direct { .. }))
+            .await
+            .unwrap();
+        assert!(
+            matches!(frame, ServerFrame::Direct { seq: s, .. } if s == seq),
+            "{frame:?}"
+        );
     }
     // Offline: stored, delivered on connect to whichever node.
     alice.direct("carol", json!("later")).await.unwrap();
     let session = nodes[0].http.create_session("carol").await.unwrap();
-    let mut carol = Client::connect(&nodes[2].ws_url(&format!("?session={session}"))).await.unwrap();
-    assert!(matches!(carol.frame().await.unwrap(), ServerFrame::Welcome { inbox: 1, .. }));
-    assert!(matches!(carol.frame().await.unwrap(), ServerFrame::Direct { seq: 1, .. }));
+    let mut carol = Client::connect(&nodes[2].ws_url(&format!("?session={session}")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        carol.frame().await.unwrap(),
+        ServerFrame::Welcome { inbox: 1, .. }
+    ));
+    assert!(matches!(
+        carol.frame().await.unwrap(),
+        ServerFrame::Direct { seq: 1, .. }
+    ));
 
-    nodes[1].http.post("/api/broadcast", &json!({ "data": "all" })).await.unwrap();
+    nodes[1]
+        .http
+        .post("/api/broadcast", &json!({ "data": "all" }))
+        .await
+        .unwrap();
     for client in [&mut alice, &mut bob_a, &mut bob_b, &mut carol] {
-        assert!(client.until("system", |f| matches!(f, ServerFrame::System { .. })).await.is_ok());
+        assert!(
+            client
+                .until("system", |f| matches!(f, ServerFrame::System { .. }))
+                .await
+                .is_ok()
+        );
     }
-    nodes[0].http.post("/api/disconnect", &json!({ "user_id": "bob" })).await.unwrap();
+    nodes[0]
+        .http
+        .post("/api/disconnect", &json!({ "user_id": "bob" }))
+        .await
+        .unwrap();
     assert_eq!(bob_a.closed().await.unwrap().0, Some(4003));
     assert_eq!(bob_b.closed().await.unwrap().0, Some(4003));
 }
@@ -145,18 +213,44 @@ async fn sessions_are_shared_in_the_seed_format() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     // Written the way the seed's Django SessionManager writes it (json.dumps, SETEX 3600).
     let seed_json = r#"{"user_id": "dana", "created_at": "2026-11-27T07:00:00.123456", "preferences": {}, "status": "active"}"#;
-    let _: () = redis::cmd("SETEX").arg("session:seed-made").arg(3600).arg(seed_json).query_async(&mut conn).await.unwrap();
-    let mut dana = Client::connect(&nodes[1].ws_url("?session=seed-made")).await.unwrap();
-    assert!(matches!(dana.welcome().await.unwrap(), ServerFrame::Welcome { ref user_id, .. } if user_id.as_str() == "dana"));
+    let _: () = redis::cmd("SETEX")
+        .arg("session:seed-made")
+        .arg(3600)
+        .arg(seed_json)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut dana = Client::connect(&nodes[1].ws_url("?session=seed-made"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(dana.welcome().await.unwrap(), ServerFrame::Welcome { ref user_id, .. } if user_id.as_str() == "dana")
+    );
     // And the other way round: what Switchyard writes, the seed reads.
     let id = nodes[0].http.create_session("erik").await.unwrap();
-    let raw: String = redis::cmd("GET").arg(format!("session:{id}")).query_async(&mut conn).await.unwrap();
+    let raw: String = redis::cmd("GET")
+        .arg(format!("session:{id}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let stored: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(stored["user_id"], "erik");
     assert_eq!(stored["status"], "active");
     assert!(stored["created_at"].is_string() && stored["preferences"].is_object());
-    let ttl: i64 = redis::cmd("TTL").arg(format!("session:{id}")).query_async(&mut conn).await.unwrap();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("session:{id}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!((3590..=3600).contains(&ttl), "TTL {ttl}");
-    assert_eq!(nodes[1].http.get(&format!("/api/sessions/{id}")).await.unwrap().status, 200);
+    assert_eq!(
+        nodes[1]
+            .http
+            .get(&format!("/api/sessions/{id}"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     dana.close().await.unwrap();
 }

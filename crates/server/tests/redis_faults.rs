@@ -7,9 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::Server;
+use common::{Server, StreamCheck};
 use serde_json::json;
-use switchyard_client::{Client, Event};
 use switchyard_proto::{ClientBody, ErrorCode, Payload, RoomName, ServerFrame};
 use switchyard_testkit::redis::RedisProcess;
 
@@ -31,37 +30,11 @@ async fn node(redis: &RedisProcess) -> Server {
 async fn wait_ready(server: &Server, status: u16) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while server.http.get("/readyz").await.unwrap().status.as_u16() != status {
-        assert!(tokio::time::Instant::now() < deadline, "/readyz never answered {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Follows a client's view of one room and checks it never has a silent gap: every `message` is
-/// the next offset of the current epoch, unless a `joined` (reset) said where the stream now is.
-struct Stream {
-    epoch: String,
-    last: u64,
-    resets: usize,
-}
-
-impl Stream {
-    async fn read_until(&mut self, client: &mut Client, epoch_wanted: Option<&str>, offset_wanted: u64) {
-        while !(self.last >= offset_wanted && epoch_wanted.is_none_or(|e| e == self.epoch)) {
-            match client.recv().await.expect("the stream stalled") {
-                Event::Frame(ServerFrame::Message { offset, .. }) => {
-                    assert_eq!(offset, self.last + 1, "a silent gap in epoch {} after {}", self.epoch, self.last);
-                    self.last = offset;
-                }
-                Event::Frame(ServerFrame::Joined { reference: None, offset, epoch, recovered, .. }) => {
-                    assert!(!recovered);
-                    self.epoch = epoch;
-                    self.last = offset;
-                    self.resets += 1;
-                }
-                Event::Closed { code, reason } => panic!("closed: {code:?} {reason}"),
-                _ => {}
-            }
-        }
     }
 }
 
@@ -74,13 +47,17 @@ async fn redis_outage_fails_fast_and_the_stream_resumes_without_a_silent_gap() {
     let (mut bob, _) = server.connect("bob").await;
     bob.join("r", None).await.unwrap();
     bob.publish("r", json!(1), None).await.unwrap();
-    let mut stream = Stream { epoch: epoch.clone(), last: 0, resets: 0 };
+    let mut stream = StreamCheck::new(&epoch, 0);
     stream.read_until(&mut alice, Some(&epoch), 1).await;
 
     redis.kill().await;
     // The WebSocket connection survives; publishing fails with UNAVAILABLE instead of an ack.
     let reference = bob
-        .request(ClientBody::Publish { room: RoomName::parse("r").unwrap(), data: Payload::from_value(&2).unwrap(), id: None })
+        .request(ClientBody::Publish {
+            room: RoomName::parse("r").unwrap(),
+            data: Payload::from_value(&2).unwrap(),
+            id: None,
+        })
         .await
         .unwrap();
     match bob.reply(&reference).await.unwrap() {
@@ -88,27 +65,54 @@ async fn redis_outage_fails_fast_and_the_stream_resumes_without_a_silent_gap() {
         other => panic!("a publish during the outage must not be acknowledged: {other:?}"),
     }
     let reference = alice.request(ClientBody::Ping).await.unwrap();
-    assert!(matches!(alice.reply(&reference).await.unwrap(), ServerFrame::Pong { .. }), "connections survive the outage");
-    let api = server.http.post("/api/publish", &json!({ "room": "r", "data": 3 })).await.unwrap();
+    assert!(
+        matches!(alice.reply(&reference).await.unwrap(), ServerFrame::Pong { .. }),
+        "connections survive the outage"
+    );
+    let api = server
+        .http
+        .post("/api/publish", &json!({ "room": "r", "data": 3 }))
+        .await
+        .unwrap();
     assert_eq!(api.status, 503);
     assert_eq!(api.body["code"], "UNAVAILABLE");
     wait_ready(&server, 503).await;
-    assert!(server.metric("switchyard_backend_circuit_transitions_total{to=\"open\"}").await >= 1.0);
+    assert!(
+        server
+            .metric("switchyard_backend_circuit_transitions_total{to=\"open\"}")
+            .await
+            >= 1.0
+    );
 
     // Redis comes back empty (no persistence): the room's history is gone, so its epoch changes.
     redis.restart().await;
     wait_ready(&server, 200).await;
-    assert!(server.metric("switchyard_backend_circuit_transitions_total{to=\"closed\"}").await >= 1.0);
+    assert!(
+        server
+            .metric("switchyard_backend_circuit_transitions_total{to=\"closed\"}")
+            .await
+            >= 1.0
+    );
     let mut acked = Vec::new();
     for n in 0..3 {
-        let response = server.http.post("/api/publish", &json!({ "room": "r", "data": n })).await.unwrap();
+        let response = server
+            .http
+            .post("/api/publish", &json!({ "room": "r", "data": n }))
+            .await
+            .unwrap();
         assert_eq!(response.status, 200, "{}", response.text);
-        acked.push((response.body["offset"].as_u64().unwrap(), response.body["epoch"].as_str().unwrap().to_string()));
+        acked.push((
+            response.body["offset"].as_u64().unwrap(),
+            response.body["epoch"].as_str().unwrap().to_string(),
+        ));
     }
     let (last_offset, new_epoch) = acked.last().cloned().unwrap();
     assert_ne!(new_epoch, epoch, "lost history means a new epoch");
     stream.read_until(&mut alice, Some(&new_epoch), last_offset).await;
-    assert!(stream.resets >= 1, "the client was told that it could not be recovered");
+    assert!(
+        stream.resets >= 1,
+        "the client was told that it could not be recovered"
+    );
 }
 
 #[tokio::test]
@@ -122,16 +126,27 @@ async fn publications_missed_by_a_lost_subscriber_connection_come_from_history()
     bob.join("r", None).await.unwrap();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
-    let mut stream = Stream { epoch: epoch.clone(), last: 0, resets: 0 };
+    let mut stream = StreamCheck::new(&epoch, 0);
     for round in 0..3u64 {
         // Cut every pub/sub connection, then publish while the nodes reconnect.
-        let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut admin).await.unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
         assert!(killed >= 2, "both nodes' subscriber connections were cut");
         for n in 0..5 {
-            bob.publish("r", json!({ "round": round, "n": n }), None).await.unwrap();
+            bob.publish("r", json!({ "round": round, "n": n }), None)
+                .await
+                .unwrap();
         }
         stream.read_until(&mut alice, Some(&epoch), (round + 1) * 5).await;
     }
-    assert_eq!(stream.resets, 0, "history covered every gap: nothing had to be reset");
+    assert_eq!(
+        stream.resets, 0,
+        "history covered every gap: nothing had to be reset"
+    );
     assert_eq!(stream.last, 15);
 }

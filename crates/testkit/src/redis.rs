@@ -169,6 +169,8 @@ impl RedisCluster {
                     "1500",
                     "--cluster-replica-validity-factor",
                     "0",
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
                 .await,
             );
@@ -196,8 +198,37 @@ impl RedisCluster {
         cluster
     }
 
-    /// Waits until every live node reports `cluster_state:ok`.
+    /// Waits until every live node reports `cluster_state:ok` and every master has an online
+    /// replica (its initial sync done), so that replication is really in place.
     pub async fn wait_ok(&self) {
+        self.wait_state_ok().await;
+        for _ in 0..300 {
+            let mut masters_without_replica = 0;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let info = async {
+                    let client = redis::Client::open(node.url()).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                }
+                .await
+                .unwrap_or_default();
+                if info.contains("role:master") && !info.contains("state=online") {
+                    masters_without_replica += 1;
+                }
+            }
+            if masters_without_replica == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the cluster's replicas did not finish their initial sync");
+    }
+
+    async fn wait_state_ok(&self) {
         for _ in 0..200 {
             let mut all_ok = true;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {

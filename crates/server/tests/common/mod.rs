@@ -132,3 +132,56 @@ pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Follows a client's view of one room and checks it never has a silent gap: every `message` is
+/// the next offset of the current epoch, unless an unsolicited `joined` (a reset, `recovered:
+/// false`) said where the stream now is.
+pub struct StreamCheck {
+    pub epoch: String,
+    pub last: u64,
+    pub resets: usize,
+}
+
+impl StreamCheck {
+    pub fn new(epoch: &str, last: u64) -> Self {
+        StreamCheck {
+            epoch: epoch.to_string(),
+            last,
+            resets: 0,
+        }
+    }
+
+    /// Reads until the client is at `offset` (of `epoch`, if given).
+    pub async fn read_until(&mut self, client: &mut Client, epoch: Option<&str>, offset: u64) {
+        use switchyard_client::Event;
+        use switchyard_proto::ServerFrame;
+        while !(self.last >= offset && epoch.is_none_or(|e| e == self.epoch)) {
+            match client.recv().await.expect("the stream stalled") {
+                Event::Frame(ServerFrame::Message { offset, .. }) => {
+                    assert_eq!(
+                        offset,
+                        self.last + 1,
+                        "a silent gap in epoch {} after {}",
+                        self.epoch,
+                        self.last
+                    );
+                    self.last = offset;
+                }
+                Event::Frame(ServerFrame::Joined {
+                    reference: None,
+                    offset,
+                    epoch,
+                    recovered,
+                    ..
+                }) => {
+                    assert!(!recovered, "a reset never claims recovery");
+                    self.epoch = epoch;
+                    self.last = offset;
+                    self.resets += 1;
+                }
+                Event::Closed { code, reason } => panic!("closed: {code:?} {reason}"),
+                _ => {}
+            }
+        }
+    }
+}
