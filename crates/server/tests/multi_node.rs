@@ -254,3 +254,30 @@ async fn sessions_are_shared_in_the_seed_format() {
     );
     dana.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_crashed_nodes_members_leave_within_the_presence_ttl() {
+    let redis = RedisProcess::start().await;
+    let url = redis.url();
+    let env = [
+        ("SWITCHYARD_BACKEND", "redis"),
+        ("SWITCHYARD_REDIS_URL", url.as_str()),
+        ("SWITCHYARD_REDIS_PRESENCE_TTL_SECS", "2"),
+    ];
+    let mut node_a = Server::start(&env).await;
+    let node_b = Server::start(&env).await;
+    let (mut alice, _) = node_a.connect("alice").await;
+    alice.join("r", None).await.unwrap();
+    let (mut bob, _) = node_b.connect("bob").await;
+    bob.join("r", None).await.unwrap();
+    let users = node_b.http.get("/api/rooms/r/presence").await.unwrap().body["users"].clone();
+    assert_eq!(users.as_array().unwrap().len(), 2);
+    node_a.kill().await;
+    // Node A can no longer say goodbye; its entries expire and node B reports the leave.
+    let diff = bob
+        .until("alice's leave", |f| matches!(f, ServerFrame::PresenceDiff { leaves, .. } if leaves.iter().any(|u| u.as_str() == "alice")))
+        .await;
+    assert!(diff.is_ok(), "{diff:?}");
+    let users = node_b.http.get("/api/rooms/r/presence").await.unwrap().body["users"].clone();
+    assert_eq!(users, json!([{ "user_id": "bob", "connections": 1 }]));
+}

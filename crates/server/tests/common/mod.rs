@@ -185,3 +185,10 @@ impl StreamCheck {
         }
     }
 }
+
+impl Server {
+    /// Kills the process (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
