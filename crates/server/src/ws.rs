@@ -125,26 +125,9 @@ fn spawn_connection(
     let node = state.node().clone();
     let id = node.hub.next_conn_id();
     let span = tracing::info_span!("conn", id);
-    let task_state = state.clone();
-    state.tasks().spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(e) => {
-                    tracing::debug!(error = %e, "upgrade failed");
-                    return;
-                }
-            };
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(task_state.ws_config()),
-            )
-            .await;
-            run(task_state, node, id, ws, session, protocol).await;
-        }
-        .instrument(span),
-    );
+    state
+        .tasks()
+        .spawn(connection(state.clone(), node, id, on_upgrade, session, protocol).instrument(span));
 }
 
 /// `GET /ws[?session=ID]`: the main endpoint.
@@ -273,24 +256,54 @@ async fn await_auth(
     }
 }
 
-async fn run(
+/// One connection's life: set-up, the pump, tear-down. Set-up and tear-down are boxed and the
+/// socket is created inside the set-up and then owned by the pump, so the future an idle connection
+/// keeps in memory is little more than the pump's.
+async fn connection(
     state: AppState,
     node: Arc<Node>,
     id: ConnId,
-    mut ws: Socket,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     session: Option<String>,
     protocol: Protocol,
 ) {
+    let Some((ws, conn)) = Box::pin(open(&state, &node, id, on_upgrade, session, &protocol)).await else {
+        return;
+    };
+    let opened = Instant::now();
+    let (ws, close) = pump(&state, &node, &conn, ws, &protocol).await;
+    Box::pin(finish(&state, &node, &conn, ws, close, opened)).await;
+}
+
+/// Authenticates and registers the connection, or closes it with the reason.
+async fn open(
+    state: &AppState,
+    node: &Node,
+    id: ConnId,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    session: Option<String>,
+    protocol: &Protocol,
+) -> Option<(Socket, Arc<Connection>)> {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    let mut socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(state.ws_config())).await;
+    let ws = &mut socket;
     let (session_id, auth_ref) = match session {
         Some(session) => (session, None),
-        None => match await_auth(&mut ws, &node, state.auth_timeout()).await {
+        None => match await_auth(ws, node, state.auth_timeout()).await {
             Ok(found) => found,
             Err(close) => {
                 if let Some(close) = close {
                     node.metrics.closed_with(close.code.code());
-                    send_close(&mut ws, &close, state.write_timeout()).await;
+                    send_close(ws, &close, state.write_timeout()).await;
                 }
-                return;
+                return None;
             }
         },
     };
@@ -299,8 +312,8 @@ async fn run(
         Err(e) => {
             tracing::info!(reason = %e.close.reason, "connection refused");
             node.metrics.closed_with(e.close.code.code());
-            send_close(&mut ws, &e.close, state.write_timeout()).await;
-            return;
+            send_close(ws, &e.close, state.write_timeout()).await;
+            return None;
         }
     };
     if node.is_draining() {
@@ -311,28 +324,38 @@ async fn run(
         };
         let _ = ws.send(Message::text(frame.encode())).await;
         node.metrics.closed_with(close.code.code());
-        send_close(&mut ws, &close, state.write_timeout()).await;
-        return;
+        send_close(ws, &close, state.write_timeout()).await;
+        return None;
     }
-    let opened = Instant::now();
-    let conn = match &protocol {
+    let conn = match protocol {
         Protocol::Native => node.open(id, &session, user, auth_ref).await,
         Protocol::Seed { room_name, .. } => match node.open_seed(id, &session, user, room_name).await {
             Ok((conn, _)) => conn,
             Err(e) => {
                 let close = CloseReason::new(CloseCode::TryLater, e.message);
                 node.metrics.closed_with(close.code.code());
-                send_close(&mut ws, &close, state.write_timeout()).await;
-                return;
+                send_close(ws, &close, state.write_timeout()).await;
+                return None;
             }
         },
     };
     // The session id is a bearer credential: it stays out of the logs.
     tracing::info!(user = %conn.user, "connected");
-    let close = pump(&state, &node, &conn, &mut ws, &protocol).await;
+    Some((socket, conn))
+}
+
+/// Releases the connection and closes the socket.
+async fn finish(
+    state: &AppState,
+    node: &Node,
+    conn: &Arc<Connection>,
+    mut ws: Socket,
+    close: Option<CloseReason>,
+    opened: Instant,
+) {
     // Release rooms, presence and counters first: the close handshake may take a while with a slow
     // client, and the rest of the system should not wait for it.
-    node.close(&conn).await;
+    node.close(conn).await;
     node.metrics
         .connection_duration
         .observe(opened.elapsed().as_secs_f64());
@@ -351,11 +374,23 @@ async fn pump(
     state: &AppState,
     node: &Node,
     conn: &Arc<Connection>,
+    mut ws: Socket,
+    protocol: &Protocol,
+) -> (Socket, Option<CloseReason>) {
+    let close = pump_frames(state, node, conn, &mut ws, protocol).await;
+    (ws, close)
+}
+
+async fn pump_frames(
+    state: &AppState,
+    node: &Node,
+    conn: &Arc<Connection>,
     ws: &mut Socket,
     protocol: &Protocol,
 ) -> Option<CloseReason> {
     let shutdown = state.shutdown();
     let write_timeout = state.write_timeout();
+    let read_pause_len = (node.settings.queue.capacity / 2).max(1);
     loop {
         tokio::select! {
             biased;
@@ -390,7 +425,11 @@ async fn pump(
                     return Some(close);
                 }
             }
-            msg = ws.next() => {
+            // Backpressure: while this connection's own queue is over half full, read no new
+            // requests. A publisher in a busy room (it receives its room's messages too) is thereby
+            // held to the pace at which the room drains, through TCP flow control, instead of
+            // pushing its room's subscribers over their limits.
+            msg = ws.next(), if conn.queue.len() < read_pause_len => {
                 let text = match msg {
                     None => return None,
                     Some(Ok(Message::Close(_))) => {
@@ -417,10 +456,10 @@ async fn pump(
                 node.metrics.message_size.observe(text.len() as f64);
                 match protocol {
                     Protocol::Native => match decode_client_frame(&text) {
-                        Ok(frame) => node.handle(conn, frame).await,
+                        Ok(frame) => Box::pin(node.handle(conn, frame)).await,
                         Err(e) => node.reject(conn, e),
                     },
-                    Protocol::Seed { room, .. } => node.handle_seed(conn, room, &text).await,
+                    Protocol::Seed { room, .. } => Box::pin(node.handle_seed(conn, room, &text)).await,
                 }
             }
         }
