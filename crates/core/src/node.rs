@@ -219,7 +219,7 @@ impl Node {
             Ok(inbox) => inbox,
             Err(e) => {
                 self.metrics.backend_errors.inc();
-                tracing::warn!(error = %e, "inbox read failed; it is delivered on the next connect");
+                tracing::warn!(conn = conn.id, error = %e, "inbox read failed; it is delivered on the next connect");
                 Vec::new()
             }
         };
@@ -543,11 +543,11 @@ impl Node {
                     leaves: vec![],
                 };
                 if let Err(e) = self.backends.broker.presence_event(&diff).await {
-                    tracing::warn!(error = %e, %room, "presence event not sent");
+                    tracing::warn!(conn = conn.id, error = %e, %room, "presence event not sent");
                 }
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, %room, "presence not recorded"),
+            Err(e) => tracing::warn!(conn = conn.id, error = %e, %room, "presence not recorded"),
         }
         Ok(())
     }
@@ -572,7 +572,7 @@ impl Node {
 
     async fn after_leave(&self, conn: &Connection, room: &RoomName) {
         if let Err(e) = self.hub.sync_subscription(room).await {
-            tracing::warn!(error = %e, %room, "unsubscribe failed");
+            tracing::warn!(conn = conn.id, error = %e, %room, "unsubscribe failed");
         }
         match self.backends.presence.remove(room, &conn.user, conn.id).await {
             Ok(true) => {
@@ -582,11 +582,11 @@ impl Node {
                     leaves: vec![conn.user.clone()],
                 };
                 if let Err(e) = self.backends.broker.presence_event(&diff).await {
-                    tracing::warn!(error = %e, %room, "presence event not sent");
+                    tracing::warn!(conn = conn.id, error = %e, %room, "presence event not sent");
                 }
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, %room, "presence not removed"),
+            Err(e) => tracing::warn!(conn = conn.id, error = %e, %room, "presence not removed"),
         }
     }
 
@@ -604,7 +604,7 @@ impl Node {
                 .set_status(&conn.session_id, STATUS_DISCONNECTED)
                 .await
         {
-            tracing::warn!(error = %e, "session status not updated");
+            tracing::warn!(conn = conn.id, error = %e, "session status not updated");
         }
         self.metrics.active_connections.dec();
         if self.hub.connection_count() == 0 {

@@ -124,10 +124,9 @@ fn spawn_connection(
 ) {
     let node = state.node().clone();
     let id = node.hub.next_conn_id();
-    let span = tracing::info_span!("conn", id);
     state
         .tasks()
-        .spawn(connection(state.clone(), node, id, on_upgrade, session, protocol).instrument(span));
+        .spawn(connection(state.clone(), node, id, on_upgrade, session, protocol));
 }
 
 /// `GET /ws[?session=ID]`: the main endpoint.
@@ -267,12 +266,19 @@ async fn connection(
     session: Option<String>,
     protocol: Protocol,
 ) {
-    let Some((ws, conn)) = Box::pin(open(&state, &node, id, on_upgrade, session, &protocol)).await else {
+    // Set-up and tear-down log inside a `conn` span; no span is kept while the connection idles
+    // (a live span costs memory per connection and work on every wake-up), so the request path logs
+    // the connection id as a field instead.
+    let setup =
+        open(&state, &node, id, on_upgrade, session, &protocol).instrument(tracing::info_span!("conn", id));
+    let Some((ws, conn)) = Box::pin(setup).await else {
         return;
     };
     let opened = Instant::now();
     let (ws, close) = pump(&state, &node, &conn, ws, &protocol).await;
-    Box::pin(finish(&state, &node, &conn, ws, close, opened)).await;
+    let teardown =
+        finish(&state, &node, &conn, ws, close, opened).instrument(tracing::info_span!("conn", id));
+    Box::pin(teardown).await;
 }
 
 /// Authenticates and registers the connection, or closes it with the reason.
