@@ -294,8 +294,24 @@ impl Client {
         room: &str,
         since: Option<StreamPosition>,
     ) -> anyhow::Result<(u64, String, bool)> {
+        self.join_with(room, since, false).await
+    }
+
+    /// Joins a room, optionally asking for its `presence_diff` events.
+    pub async fn join_with(
+        &mut self,
+        room: &str,
+        since: Option<StreamPosition>,
+        presence: bool,
+    ) -> anyhow::Result<(u64, String, bool)> {
         let room = RoomName::parse(room)?;
-        let reference = self.request(ClientBody::Join { room, since }).await?;
+        let reference = self
+            .request(ClientBody::Join {
+                room,
+                since,
+                presence,
+            })
+            .await?;
         match self.reply(&reference).await? {
             ServerFrame::Joined {
                 offset,

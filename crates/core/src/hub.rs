@@ -28,6 +28,8 @@ use crate::shard::ShardedMap;
 
 struct Member {
     conn: Arc<Connection>,
+    /// Whether it asked for the room's `presence_diff` events.
+    presence_events: bool,
     /// `Some` while joining: live deliveries wait here until the join completes.
     pending: Option<Vec<Arc<Publication>>>,
 }
@@ -180,7 +182,7 @@ impl Hub {
     }
 
     /// First phase of a join: the connection becomes a pending member. False if already joined.
-    pub fn begin_join(&self, room: &RoomName, conn: &Arc<Connection>) -> bool {
+    pub fn begin_join(&self, room: &RoomName, conn: &Arc<Connection>, presence_events: bool) -> bool {
         if !conn.add_room(room) {
             return false;
         }
@@ -193,6 +195,7 @@ impl Hub {
             conn.id,
             Member {
                 conn: conn.clone(),
+                presence_events,
                 pending: Some(Vec::new()),
             },
         );
@@ -358,7 +361,7 @@ impl DeliverySink for Hub {
         };
         let frame = frames::presence(diff);
         for member in members.values() {
-            if member.pending.is_none() && member.conn.kind == ConnKind::Native {
+            if member.presence_events && member.pending.is_none() && member.conn.kind == ConnKind::Native {
                 self.push(&member.conn, frame.clone());
             }
         }

@@ -254,7 +254,7 @@ impl Node {
             .encode(),
         );
         self.hub.complete_register(&conn, welcome, &[]);
-        if let Err(e) = self.join(&conn, &room, None, None).await {
+        if let Err(e) = self.join(&conn, &room, None, false, None).await {
             self.close(&conn).await;
             return Err(e);
         }
@@ -289,8 +289,13 @@ impl Node {
         let reference = frame.reference;
         let result = match frame.body {
             ClientBody::Auth { .. } => Err(RequestError::new(ErrorCode::BadRequest, "already authenticated")),
-            ClientBody::Join { room, since } => {
-                self.join(conn, &room, since.as_ref(), reference.clone()).await
+            ClientBody::Join {
+                room,
+                since,
+                presence,
+            } => {
+                self.join(conn, &room, since.as_ref(), presence, reference.clone())
+                    .await
             }
             ClientBody::Leave { room } => self.leave(conn, &room).await.map(|()| {
                 self.reply(
@@ -475,6 +480,7 @@ impl Node {
         conn: &Arc<Connection>,
         room: &RoomName,
         since: Option<&StreamPosition>,
+        presence_events: bool,
         reference: Option<Ref>,
     ) -> Result<(), RequestError> {
         if conn.in_room(room) {
@@ -492,7 +498,7 @@ impl Node {
                 ),
             ));
         }
-        self.hub.begin_join(room, conn);
+        self.hub.begin_join(room, conn, presence_events);
         let fetched = async {
             self.hub.sync_subscription(room).await?;
             match since {

@@ -131,7 +131,7 @@ fn publication(room_name: &str, offset: u64) -> Arc<Publication> {
 }
 
 fn join_live(hub: &Hub, name: &str, conn: &Arc<Connection>) {
-    assert!(hub.begin_join(&room(name), conn));
+    assert!(hub.begin_join(&room(name), conn, false));
     hub.complete_join(&room(name), conn, None, &[], 0);
 }
 
@@ -165,8 +165,11 @@ fn fan_out_encodes_once_per_protocol() {
 fn join_merges_backlog_and_live_publications_without_gaps_or_repeats() {
     let f = fixture(100);
     let a = conn(&f.hub, "a", "s1", ConnKind::Native);
-    assert!(f.hub.begin_join(&room("r"), &a));
-    assert!(!f.hub.begin_join(&room("r"), &a), "joining twice is refused");
+    assert!(f.hub.begin_join(&room("r"), &a, false));
+    assert!(
+        !f.hub.begin_join(&room("r"), &a, false),
+        "joining twice is refused"
+    );
     // While the history read is in flight, offsets 3..=5 arrive live; history covered up to 4.
     for offset in 3..=5 {
         f.hub.publication(publication("r", offset));
@@ -198,7 +201,7 @@ fn join_merges_backlog_and_live_publications_without_gaps_or_repeats() {
 fn a_room_too_fast_for_a_joining_member_closes_it_as_slow() {
     let f = fixture(3);
     let a = conn(&f.hub, "a", "s1", ConnKind::Native);
-    f.hub.begin_join(&room("r"), &a);
+    f.hub.begin_join(&room("r"), &a, false);
     for offset in 1..=4 {
         f.hub.publication(publication("r", offset));
     }

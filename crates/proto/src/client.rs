@@ -33,11 +33,15 @@ pub enum ClientBody {
     Auth {
         session: String,
     },
-    /// Join a room; with `since`, recover what was missed after that position.
+    /// Join a room; with `since`, recover what was missed after that position; with `presence`,
+    /// also receive the room's `presence_diff` events (off by default: in a room of N users they
+    /// cost N frames per join).
     Join {
         room: RoomName,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<StreamPosition>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        presence: bool,
     },
     Leave {
         room: RoomName,
@@ -153,6 +157,8 @@ struct Envelope<'a> {
     limit: Option<u64>,
     #[serde(default)]
     upto: Option<u64>,
+    #[serde(default)]
+    presence: Option<bool>,
 }
 
 fn bad(message: impl Into<String>, reference: &Option<Ref>) -> DecodeError {
@@ -247,6 +253,7 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
             ClientBody::Join {
                 room: room(env.room, &kind, &r)?,
                 since,
+                presence: env.presence.unwrap_or(false),
             }
         }
         "leave" => ClientBody::Leave {

@@ -50,7 +50,13 @@ fn id() -> impl Strategy<Value = Option<String>> {
 fn client_body() -> impl Strategy<Value = ClientBody> {
     prop_oneof![
         "[a-f0-9-]{1,36}".prop_map(|session| ClientBody::Auth { session }),
-        (room(), proptest::option::of(position())).prop_map(|(room, since)| ClientBody::Join { room, since }),
+        (room(), proptest::option::of(position()), any::<bool>()).prop_map(|(room, since, presence)| {
+            ClientBody::Join {
+                room,
+                since,
+                presence,
+            }
+        }),
         room().prop_map(|room| ClientBody::Leave { room }),
         (room(), payload(), id()).prop_map(|(room, data, id)| ClientBody::Publish { room, data, id }),
         (user(), payload(), id()).prop_map(|(to, data, id)| ClientBody::Direct { to, data, id }),

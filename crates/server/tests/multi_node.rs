@@ -104,8 +104,8 @@ async fn presence_history_and_idempotency_agree_on_every_node() {
     let nodes = nodes(&redis, 3).await;
     let (mut alice, _) = nodes[0].connect("alice").await;
     let (mut bob, _) = nodes[1].connect("bob").await;
-    alice.join("p", None).await.unwrap();
-    bob.join("p", None).await.unwrap();
+    alice.join_with("p", None, true).await.unwrap();
+    bob.join_with("p", None, true).await.unwrap();
     let diff = alice
         .until("bob's join", |f| matches!(f, ServerFrame::PresenceDiff { joins, .. } if joins.iter().any(|u| u.as_str() == "bob")))
         .await;
@@ -269,7 +269,7 @@ async fn a_crashed_nodes_members_leave_within_the_presence_ttl() {
     let (mut alice, _) = node_a.connect("alice").await;
     alice.join("r", None).await.unwrap();
     let (mut bob, _) = node_b.connect("bob").await;
-    bob.join("r", None).await.unwrap();
+    bob.join_with("r", None, true).await.unwrap();
     let users = node_b.http.get("/api/rooms/r/presence").await.unwrap().body["users"].clone();
     assert_eq!(users.as_array().unwrap().len(), 2);
     node_a.kill().await;

@@ -353,8 +353,8 @@ async fn presence_queries_and_diffs() {
     let server = Server::start(&[]).await;
     let (mut alice, _) = server.connect("alice").await;
     let (mut bob, _) = server.connect("bob").await;
-    alice.join("p", None).await.unwrap();
-    bob.join("p", None).await.unwrap();
+    alice.join_with("p", None, true).await.unwrap();
+    bob.join_with("p", None, true).await.unwrap();
     let own = alice
         .until("own presence_diff", |f| {
             matches!(f, ServerFrame::PresenceDiff { .. })
@@ -416,6 +416,22 @@ async fn presence_queries_and_diffs() {
         response.body,
         json!({ "room": "p", "users": [{ "user_id": "alice", "connections": 1 }] })
     );
+}
+
+#[tokio::test]
+async fn presence_diffs_are_only_sent_to_those_who_ask() {
+    let server = Server::start(&[]).await;
+    let (mut quiet, _) = server.connect("quiet").await;
+    quiet.join("q", None).await.unwrap();
+    let (mut bob, _) = server.connect("bob").await;
+    bob.join("q", None).await.unwrap();
+    bob.publish("q", json!("after the join"), None).await.unwrap();
+    // Bob's presence_diff would have been queued before his publication; the quiet member did not
+    // ask for presence events, so the publication is the next frame it gets.
+    match quiet.frame().await.unwrap() {
+        ServerFrame::Message { data, .. } => assert_eq!(data.to_value(), json!("after the join")),
+        other => panic!("expected the message, got {other:?}"),
+    }
 }
 
 #[tokio::test]
