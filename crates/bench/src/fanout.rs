@@ -3,7 +3,13 @@
 //! publishes in flight), for a fixed duration. Subscribers check that offsets arrive consecutively
 //! (per subscriber and room) and measure the latency from the timestamp in the payload. The report
 //! has deliveries per second, latency percentiles, lost and out-of-order counts per room, and the
-//! CPU time the load generator (and, given its pid, the server) spent per delivery.
+//! CPU time the load generator (and, given their pids, the servers) spent per delivery.
+//!
+//! Several nodes that share a backend can be loaded at once (`--url` given several times):
+//! subscribers are spread round-robin over the nodes within each room, so that every room has
+//! subscribers on every node, and publishers round-robin over the nodes; sessions are created on
+//! every node in turn and used on any; the rooms' offsets are read from any node. The report then
+//! has deliveries, losses and latency per node as well.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -21,7 +27,7 @@ use crate::histogram::{Histogram, Percentiles};
 use crate::procfs::{self, now_ns};
 use crate::scan::{self, FrameKind, SENT_NS_KEY};
 use crate::session::{ConnectSpec, connect_and_join, create_sessions, room_offset};
-use crate::target::{Target, check_open_files};
+use crate::target::{Nodes, check_open_files};
 use crate::ws::{Incoming, WsConnection};
 
 /// How fast each publisher publishes.
@@ -70,9 +76,10 @@ impl Serialize for PublishRate {
 /// Settings of the `fanout` scenario.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FanoutConfig {
-    /// Base URL of the server, e.g. http://127.0.0.1:8000
-    #[arg(long)]
-    pub url: String,
+    /// Base URL of the server, e.g. http://127.0.0.1:8000. Repeat it for several nodes that share a
+    /// backend (e.g. one Redis): connections are spread over them round-robin
+    #[arg(long, required = true)]
+    pub url: Vec<String>,
     /// Subscribers, spread round-robin over the rooms
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
@@ -94,9 +101,10 @@ pub struct FanoutConfig {
     /// Size of each publication's `data` JSON, bytes (at least ~35 for the timestamp)
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
-    /// Pid of the server process, to report its CPU time per delivery and its VmRSS
+    /// Pid of the server process, to report its CPU time per delivery and its VmRSS; repeat it for
+    /// several nodes (their CPU times and VmRSS are added up)
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Source addresses 127.0.0.1 ..= 127.0.0.K the connections are spread over
     #[arg(long, default_value_t = 1)]
     pub sources: u8,
@@ -121,10 +129,15 @@ pub struct FanoutConfig {
 }
 
 impl FanoutConfig {
-    /// The defaults of the command line, for `url`.
+    /// The defaults of the command line, for one node at `url`.
     pub fn new(url: impl Into<String>) -> Self {
+        Self::nodes([url.into()])
+    }
+
+    /// The defaults of the command line, for nodes at `urls` that share a backend.
+    pub fn nodes(urls: impl IntoIterator<Item = String>) -> Self {
         FanoutConfig {
-            url: url.into(),
+            url: urls.into_iter().collect(),
             subscribers: 100,
             rooms: 1,
             publishers: 1,
@@ -132,7 +145,7 @@ impl FanoutConfig {
             window: 16,
             duration: 10.0,
             payload: 100,
-            server_pid: None,
+            server_pid: Vec::new(),
             sources: 1,
             sessions: 100,
             connect_rate: 2000.0,
@@ -156,6 +169,33 @@ pub struct RoomReport {
     pub lost: u64,
     /// Deliveries whose offset was not greater than the previous one.
     pub out_of_order: u64,
+}
+
+/// What the `fanout` scenario measured on one node (its connections).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeReport {
+    pub url: String,
+    /// Subscribers that joined on this node.
+    pub subscribers: usize,
+    /// Of those, subscribers that the server closed (or that broke) during the run.
+    pub subscribers_dropped: usize,
+    /// Publishers connected to this node (including any that failed).
+    pub publishers: usize,
+    pub deliveries: u64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    /// Latency of the deliveries to this node's subscribers.
+    pub latency: Percentiles,
+}
+
+/// CPU time and memory of one server process (given with `--server-pid`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerUsage {
+    pub pid: u32,
+    /// User + system CPU time during the run (from the first publish until every subscriber finished).
+    pub cpu_secs: f64,
+    /// VmRSS at the end of the run.
+    pub rss_kib: u64,
 }
 
 /// What the `fanout` scenario measured.
@@ -194,12 +234,21 @@ pub struct FanoutReport {
     pub out_of_order: u64,
     /// From the send timestamp in the payload to the subscriber's read.
     pub latency: Percentiles,
+    /// From the same timestamp to the publisher's read of the acknowledgement. It includes waiting
+    /// behind the publisher's earlier publishes (up to `window` of them) on the server.
+    pub ack_latency: Percentiles,
     pub per_room: Vec<RoomReport>,
     pub bench_cpu_secs: f64,
     pub bench_cpu_us_per_delivery: f64,
+    /// Summed over every `--server-pid`.
     pub server_cpu_secs: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// Summed over every `--server-pid`.
     pub server_rss_kib: Option<u64>,
+    /// Each `--server-pid` on its own.
+    pub servers: Vec<ServerUsage>,
+    /// The nodes in the order of `--url`, with their share of the connections and deliveries.
+    pub nodes: Vec<NodeReport>,
     /// Close codes (or errors) of dropped subscribers and failed connections, a few of each.
     pub failure_samples: Vec<String>,
 }
@@ -243,6 +292,7 @@ impl std::fmt::Display for FanoutReport {
             self.out_of_order
         )?;
         writeln!(f, "  latency: {}", self.latency)?;
+        writeln!(f, "  publish → ack: {}", self.ack_latency)?;
         write!(
             f,
             "  load generator CPU {:.2} s = {:.2} µs per delivery",
@@ -255,6 +305,31 @@ impl std::fmt::Display for FanoutReport {
             write!(f, "; server RSS {rss} KiB")?;
         }
         writeln!(f)?;
+        if self.servers.len() > 1 {
+            for server in &self.servers {
+                writeln!(
+                    f,
+                    "  server pid {}: CPU {:.2} s, RSS {} KiB",
+                    server.pid, server.cpu_secs, server.rss_kib
+                )?;
+            }
+        }
+        if self.nodes.len() > 1 {
+            for node in &self.nodes {
+                writeln!(
+                    f,
+                    "  node {}: {} subscribers ({} dropped), {} publishers, {} deliveries, lost {}, out of order {}; latency {}",
+                    node.url,
+                    node.subscribers,
+                    node.subscribers_dropped,
+                    node.publishers,
+                    node.deliveries,
+                    node.lost,
+                    node.out_of_order,
+                    node.latency
+                )?;
+            }
+        }
         if self.per_room.len() > 1 {
             for room in &self.per_room {
                 writeln!(
@@ -288,18 +363,30 @@ pub fn publisher_rooms(publisher: usize, publishers: usize, rooms: usize) -> Vec
     }
 }
 
+/// The node of subscriber `index` (in room `index % rooms`) out of `nodes`: round-robin within each
+/// room, starting at a different node in each room, so that every room has subscribers on every
+/// node and the nodes have equal shares.
+pub fn subscriber_node(index: usize, rooms: usize, nodes: usize) -> usize {
+    (index / rooms.max(1) + index % rooms.max(1)) % nodes.max(1)
+}
+
+/// The node of publisher `publisher` out of `nodes`: round-robin.
+pub fn publisher_node(publisher: usize, nodes: usize) -> usize {
+    publisher % nodes.max(1)
+}
+
 /// Runs the `fanout` scenario to completion (it stops by itself).
 pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     procfs::now_ns();
     validate(&cfg)?;
     check_open_files(cfg.subscribers + cfg.publishers)?;
-    let target = Arc::new(Target::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?);
+    let nodes = Arc::new(Nodes::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?);
     let run_id = crate::run_id();
     let room_names: Arc<Vec<String>> =
         Arc::new((0..cfg.rooms).map(|k| format!("bench-{run_id}-{k}")).collect());
     let session_count = cfg.sessions.clamp(1, cfg.subscribers);
-    let subscriber_sessions = create_sessions(&target, &format!("bench-sub-{run_id}"), session_count).await?;
-    let publisher_sessions = create_sessions(&target, &format!("bench-pub-{run_id}"), cfg.publishers).await?;
+    let subscriber_sessions = create_sessions(&nodes, &format!("bench-sub-{run_id}"), session_count).await?;
+    let publisher_sessions = create_sessions(&nodes, &format!("bench-pub-{run_id}"), cfg.publishers).await?;
     let connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
     let mut failure_samples = Vec::new();
 
@@ -313,7 +400,8 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         tokio::time::sleep_until(setup_started + interval.mul_f64(index as f64)).await;
         let room = index % cfg.rooms;
         let subscriber = Subscriber {
-            target: target.clone(),
+            nodes: nodes.clone(),
+            node: subscriber_node(index, cfg.rooms, nodes.len()),
             index,
             session: subscriber_sessions[index % subscriber_sessions.len()].clone(),
             room,
@@ -358,7 +446,8 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     for (index, session) in publisher_sessions.into_iter().enumerate() {
         let rooms: Vec<usize> = publisher_rooms(index, cfg.publishers, cfg.rooms);
         let publisher = Publisher {
-            target: target.clone(),
+            nodes: nodes.clone(),
+            node: publisher_node(index, nodes.len()),
             index: cfg.subscribers + index,
             session,
             room_names: rooms.iter().map(|&k| room_names[k].clone()).collect(),
@@ -386,15 +475,13 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     }
 
     // The rooms are fresh, but read where they start anyway: publications = final − initial offset.
+    // Room k's offsets are read from node k (any node answers the same on a shared backend).
     let mut base_offsets = Vec::with_capacity(cfg.rooms);
-    for name in room_names.iter() {
-        base_offsets.push(room_offset(&target, name).await?);
+    for (room, name) in room_names.iter().enumerate() {
+        base_offsets.push(room_offset(nodes.node(room), name).await?);
     }
     let cpu_before = procfs::own_cpu_secs()?;
-    let server_cpu_before = match cfg.server_pid {
-        Some(pid) => Some(procfs::cpu_secs(pid).context("reading the server's CPU time")?),
-        None => None,
-    };
+    let server_cpu_before = servers_cpu_secs(&cfg.server_pid)?;
     let publish_started = Instant::now();
     let publish_started_ns = now_ns();
     let _ = start_tx.send(Some(publish_started));
@@ -411,6 +498,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     let mut publish_errors = 0;
     let mut unacknowledged = 0;
     let mut publishers_dropped = 0;
+    let mut ack_latency = Histogram::new();
     while let Some(joined) = publisher_tasks.join_next().await {
         let report = match joined {
             Ok(report) => report,
@@ -421,6 +509,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
             }
         };
         sent += report.sent;
+        ack_latency.merge(&report.ack_latency);
         publish_errors += report.errors;
         unacknowledged += report.unacknowledged;
         acknowledged += report.rooms.iter().map(|(_, acked, _)| acked).sum::<u64>();
@@ -444,7 +533,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     // a dropped publisher never read.
     let mut top_offsets = Vec::with_capacity(cfg.rooms);
     for (room, name) in room_names.iter().enumerate() {
-        let top = room_offset(&target, name).await?;
+        let top = room_offset(nodes.node(room), name).await?;
         per_room[room].publications = top.saturating_sub(base_offsets[room]);
         top_offsets.push(top);
     }
@@ -473,16 +562,34 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         }
     };
     let cpu_secs = procfs::own_cpu_secs()? - cpu_before;
-    let server_cpu_secs = match (cfg.server_pid, server_cpu_before) {
-        (Some(pid), Some(before)) => {
-            Some(procfs::cpu_secs(pid).context("reading the server's CPU time")? - before)
-        }
-        _ => None,
-    };
-    let server_rss_kib = match cfg.server_pid {
-        Some(pid) => Some(procfs::rss_kib(pid)?),
-        None => None,
-    };
+    let server_cpu_after = servers_cpu_secs(&cfg.server_pid)?;
+    let mut servers = Vec::with_capacity(cfg.server_pid.len());
+    for ((&pid, before), after) in cfg
+        .server_pid
+        .iter()
+        .zip(&server_cpu_before)
+        .zip(&server_cpu_after)
+    {
+        servers.push(ServerUsage {
+            pid,
+            cpu_secs: after - before,
+            rss_kib: procfs::rss_kib(pid).with_context(|| format!("reading the VmRSS of server {pid}"))?,
+        });
+    }
+    let server_cpu_secs = (!servers.is_empty()).then(|| servers.iter().map(|s| s.cpu_secs).sum::<f64>());
+    let server_rss_kib = (!servers.is_empty()).then(|| servers.iter().map(|s| s.rss_kib).sum::<u64>());
+    let mut node_reports: Vec<NodeReport> = cfg
+        .url
+        .iter()
+        .map(|url| NodeReport {
+            url: url.clone(),
+            ..NodeReport::default()
+        })
+        .collect();
+    let mut node_latency: Vec<Histogram> = (0..nodes.len()).map(|_| Histogram::new()).collect();
+    for publisher in 0..cfg.publishers {
+        node_reports[publisher_node(publisher, nodes.len())].publishers += 1;
+    }
     for joined in subscriber_reports {
         let report = match joined {
             Ok(report) => report,
@@ -497,12 +604,19 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         room.deliveries += report.deliveries;
         room.lost += report.lost;
         room.out_of_order += report.out_of_order;
+        let node = &mut node_reports[report.node];
+        node.subscribers += 1;
+        node.deliveries += report.deliveries;
+        node.lost += report.lost;
+        node.out_of_order += report.out_of_order;
+        node_latency[report.node].merge(&report.latency);
         latency.merge(&report.latency);
         if report.deliveries > 0 {
             last_delivery_ns = last_delivery_ns.max(report.last_delivery_ns);
         }
         if let Some(ended) = report.ended_early {
             subscribers_dropped += 1;
+            node.subscribers_dropped += 1;
             if failure_samples.len() < MAX_FAILURE_SAMPLES {
                 failure_samples.push(format!("subscriber dropped: {ended}"));
             }
@@ -510,6 +624,9 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     }
     for room in &mut per_room {
         room.expected_deliveries = room.publications * room.subscribers as u64;
+    }
+    for (node, histogram) in node_reports.iter_mut().zip(&node_latency) {
+        node.latency = histogram.percentiles();
     }
     if acknowledged == 0 && publishers_dropped == cfg.publishers {
         bail!("every publisher failed: {}", failure_samples.join("; "));
@@ -557,14 +674,24 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         lost: per_room.iter().map(|r| r.lost).sum(),
         out_of_order: per_room.iter().map(|r| r.out_of_order).sum(),
         latency: latency.percentiles(),
+        ack_latency: ack_latency.percentiles(),
         per_room,
         bench_cpu_secs: cpu_secs,
         bench_cpu_us_per_delivery: per_delivery_us(cpu_secs),
         server_cpu_secs,
         server_cpu_us_per_delivery: server_cpu_secs.map(per_delivery_us),
         server_rss_kib,
+        servers,
+        nodes: node_reports,
         failure_samples,
     })
+}
+
+/// CPU seconds of each process in `pids`, in order.
+fn servers_cpu_secs(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter()
+        .map(|&pid| procfs::cpu_secs(pid).with_context(|| format!("reading the CPU time of server {pid}")))
+        .collect()
 }
 
 fn validate(cfg: &FanoutConfig) -> anyhow::Result<()> {
@@ -594,6 +721,9 @@ fn validate(cfg: &FanoutConfig) -> anyhow::Result<()> {
     {
         bail!("--drain-timeout must be ≥ 0 and --connect-timeout positive");
     }
+    if cfg.url.is_empty() {
+        bail!("at least one --url is needed");
+    }
     if cfg.payload > 60 * 1024 {
         bail!("--payload must be at most 61440 bytes (the server's default frame limit is 64 KiB)");
     }
@@ -611,6 +741,7 @@ struct Finals {
 
 struct SubscriberReport {
     room: usize,
+    node: usize,
     deliveries: u64,
     lost: u64,
     out_of_order: u64,
@@ -621,7 +752,9 @@ struct SubscriberReport {
 }
 
 struct Subscriber {
-    target: Arc<Target>,
+    nodes: Arc<Nodes>,
+    /// Which of the nodes this subscriber connects to.
+    node: usize,
     index: usize,
     session: String,
     room: usize,
@@ -637,7 +770,7 @@ impl Subscriber {
     async fn run(mut self) -> Option<SubscriberReport> {
         let rooms = [self.room_name.clone()];
         let spec = ConnectSpec {
-            target: &self.target,
+            target: self.nodes.node(self.node),
             index: self.index,
             session: &self.session,
             rooms: &rooms,
@@ -669,6 +802,7 @@ impl Subscriber {
         }
         Some(SubscriberReport {
             room: self.room,
+            node: self.node,
             deliveries: check.deliveries,
             lost: check.lost,
             out_of_order: check.out_of_order,
@@ -802,13 +936,16 @@ struct PublisherReport {
     sent: u64,
     errors: u64,
     unacknowledged: u64,
+    ack_latency: Histogram,
     first_error: Option<String>,
     /// Why the publisher stopped early (e.g. closed by the server), if it did.
     failure: Option<String>,
 }
 
 struct Publisher {
-    target: Arc<Target>,
+    nodes: Arc<Nodes>,
+    /// Which of the nodes this publisher connects to.
+    node: usize,
     index: usize,
     session: String,
     rooms: Vec<usize>,
@@ -835,10 +972,11 @@ impl Publisher {
             in_flight: VecDeque::with_capacity(self.window),
             sent: 0,
             errors: 0,
+            ack_latency: Histogram::new(),
             first_error: None,
         };
         let spec = ConnectSpec {
-            target: &self.target,
+            target: self.nodes.node(self.node),
             index: self.index,
             session: &self.session,
             rooms: &self.room_names,
@@ -870,6 +1008,7 @@ impl Publisher {
             sent: state.sent,
             errors: state.errors,
             unacknowledged: state.in_flight.len() as u64,
+            ack_latency: state.ack_latency,
             first_error: state.first_error,
             failure,
         }
@@ -910,10 +1049,11 @@ impl Publisher {
                 while state.in_flight.len() < self.window && next_send <= now {
                     let slot = next_room;
                     next_room = (next_room + 1) % self.rooms.len();
-                    encode_publish(&mut frame, &self.room_names[slot], next_reference, self.payload);
+                    let sent_ns =
+                        encode_publish(&mut frame, &self.room_names[slot], next_reference, self.payload);
                     next_reference += 1;
                     ws.queue_text(&frame);
-                    state.in_flight.push_back(slot);
+                    state.in_flight.push_back((slot, sent_ns));
                     state.sent += 1;
                     match interval {
                         Some(interval) => next_send += interval,
@@ -942,18 +1082,20 @@ impl Publisher {
 }
 
 /// A publisher's bookkeeping: acknowledgements arrive in request order, so a FIFO of room slots
-/// tells which room each acknowledged offset belongs to.
+/// (with the send timestamps) tells which room each acknowledged offset belongs to.
 struct PublishState {
     acked: Vec<u64>,
     top: Vec<u64>,
-    in_flight: VecDeque<usize>,
+    in_flight: VecDeque<(usize, u64)>,
     sent: u64,
     errors: u64,
+    ack_latency: Histogram,
     first_error: Option<String>,
 }
 
 impl PublishState {
     fn take_replies(&mut self, ws: &mut WsConnection) -> anyhow::Result<()> {
+        let received_ns = now_ns();
         while let Some(incoming) = ws.next_frame()? {
             let frame = match incoming {
                 Incoming::Message(frame) => frame,
@@ -963,9 +1105,10 @@ impl PublishState {
             };
             match scan::frame_kind(frame) {
                 FrameKind::Ack => {
-                    let Some(slot) = self.in_flight.pop_front() else {
+                    let Some((slot, sent_ns)) = self.in_flight.pop_front() else {
                         bail!("an ack arrived with no publish in flight");
                     };
+                    self.ack_latency.record(received_ns.saturating_sub(sent_ns));
                     self.acked[slot] += 1;
                     if let Some(offset) = scan::offset(frame) {
                         self.top[slot] = self.top[slot].max(offset);
@@ -988,20 +1131,22 @@ impl PublishState {
 }
 
 /// Writes `{"type":"publish","room":..,"ref":..,"data":{"sent_ns":..,"pad":".."}}` into `frame`,
-/// padding `data` to `payload` bytes (or as few as the timestamp needs).
-fn encode_publish(frame: &mut Vec<u8>, room: &str, reference: u64, payload: usize) {
+/// padding `data` to `payload` bytes (or as few as the timestamp needs). Returns the timestamp.
+fn encode_publish(frame: &mut Vec<u8>, room: &str, reference: u64, payload: usize) -> u64 {
     frame.clear();
     let _ = write!(
         frame,
         r#"{{"type":"publish","room":"{room}","ref":{reference},"data":"#
     );
     let data_start = frame.len();
-    let _ = write!(frame, r#"{{"{SENT_NS_KEY}":{},"pad":""#, now_ns());
+    let sent_ns = now_ns();
+    let _ = write!(frame, r#"{{"{SENT_NS_KEY}":{sent_ns},"pad":""#);
     let closing = br#""}"#;
     let written = frame.len() - data_start + closing.len();
     frame.resize(frame.len() + payload.saturating_sub(written), b'x');
     frame.extend_from_slice(closing);
     frame.push(b'}');
+    sent_ns
 }
 
 #[cfg(test)]
@@ -1020,6 +1165,27 @@ mod tests {
         encode_publish(&mut frame, "r", 8, 1);
         let value: serde_json::Value = serde_json::from_slice(&frame).unwrap();
         assert_eq!(value["data"]["pad"], "");
+    }
+
+    #[test]
+    fn every_room_has_subscribers_on_every_node() {
+        let (subscribers, rooms, nodes) = (1000, 10, 3);
+        let mut per_node = vec![0; nodes];
+        let mut per_room_node = vec![vec![0; nodes]; rooms];
+        for index in 0..subscribers {
+            let node = subscriber_node(index, rooms, nodes);
+            per_node[node] += 1;
+            per_room_node[index % rooms][node] += 1;
+        }
+        assert!(per_node.iter().all(|&n| (333..=334).contains(&n)), "{per_node:?}");
+        for counts in &per_room_node {
+            assert!(counts.iter().all(|&n| (33..=34).contains(&n)), "{counts:?}");
+        }
+        // As many rooms as nodes must not put each room on one node.
+        let on_nodes: Vec<usize> = (0..9).map(|index| subscriber_node(index, 3, 3)).collect();
+        assert_eq!(on_nodes, vec![0, 1, 2, 1, 2, 0, 2, 0, 1]);
+        assert_eq!((0..5).map(|i| subscriber_node(i, 1, 1)).sum::<usize>(), 0);
+        assert_eq!(publisher_node(4, 3), 1);
     }
 
     #[test]

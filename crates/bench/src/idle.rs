@@ -1,6 +1,10 @@
 //! The `idle` scenario: ramp up N authenticated connections at a fixed rate, each joining one room,
 //! hold them open, and report how many were established, how long connect + join took, and — given
 //! the server's pid — how much resident memory the server spends per idle connection.
+//!
+//! Several nodes that share a backend can be loaded at once (`--url` given several times): the
+//! connections go to the nodes round-robin, and the sessions are created on every node in turn.
+//! Given every node's pid, the memory per connection is that of all of them together.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,15 +21,16 @@ use crate::histogram::{Histogram, Percentiles};
 use crate::procfs;
 use crate::scan;
 use crate::session::{ConnectSpec, connect_and_join, create_sessions};
-use crate::target::{Target, check_open_files};
+use crate::target::{Nodes, check_open_files};
 use crate::ws::{Incoming, WsConnection};
 
 /// Settings of the `idle` scenario.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IdleConfig {
-    /// Base URL of the server, e.g. http://127.0.0.1:8000
-    #[arg(long)]
-    pub url: String,
+    /// Base URL of the server, e.g. http://127.0.0.1:8000. Repeat it for several nodes that share a
+    /// backend (e.g. one Redis): connections are spread over them round-robin
+    #[arg(long, required = true)]
+    pub url: Vec<String>,
     /// Connections to open
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
@@ -38,9 +43,10 @@ pub struct IdleConfig {
     /// Room every connection joins (default: a fresh room for this run)
     #[arg(long)]
     pub room: Option<String>,
-    /// Pid of the server process, to read its VmRSS before connecting and while holding
+    /// Pid of the server process, to read its VmRSS before connecting and while holding; repeat it
+    /// for several nodes (their VmRSS are added up)
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Source addresses 127.0.0.1 ..= 127.0.0.K the connections are spread over
     #[arg(long, default_value_t = 1)]
     pub sources: u8,
@@ -59,15 +65,20 @@ pub struct IdleConfig {
 }
 
 impl IdleConfig {
-    /// The defaults of the command line, for `url`.
+    /// The defaults of the command line, for one node at `url`.
     pub fn new(url: impl Into<String>) -> Self {
+        Self::nodes([url.into()])
+    }
+
+    /// The defaults of the command line, for nodes at `urls` that share a backend.
+    pub fn nodes(urls: impl IntoIterator<Item = String>) -> Self {
         IdleConfig {
-            url: url.into(),
+            url: urls.into_iter().collect(),
             connections: 1000,
             rate: 1000.0,
             hold: 10.0,
             room: None,
-            server_pid: None,
+            server_pid: Vec::new(),
             sources: 1,
             sessions: 100,
             read_buffer: 1024,
@@ -84,6 +95,10 @@ pub struct IdleReport {
     pub connections: usize,
     pub established: usize,
     pub failed: usize,
+    /// The nodes in the order of `--url`.
+    pub nodes: Vec<String>,
+    /// Connections established on each node, in the order of `nodes`.
+    pub established_per_node: Vec<usize>,
     /// Established connections that the server closed (or that broke) while holding.
     pub dropped_while_holding: usize,
     /// A few distinct failure messages.
@@ -95,6 +110,7 @@ pub struct IdleReport {
     pub hold_secs: f64,
     /// From the TCP connect to the `joined` reply.
     pub connect_join_latency: Percentiles,
+    /// VmRSS before connecting (summed over every `--server-pid`, as are the other server figures).
     pub server_rss_before_kib: Option<u64>,
     /// VmRSS at the end of the hold.
     pub server_rss_holding_kib: Option<u64>,
@@ -120,6 +136,11 @@ impl std::fmt::Display for IdleReport {
             self.sources,
             self.sessions
         )?;
+        if self.nodes.len() > 1 {
+            for (node, established) in self.nodes.iter().zip(&self.established_per_node) {
+                writeln!(f, "  node {node}: {established} established")?;
+            }
+        }
         writeln!(f, "  connect + join: {}", self.connect_join_latency)?;
         if let (Some(before), Some(holding), Some(per)) = (
             self.server_rss_before_kib,
@@ -165,22 +186,19 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
         bail!("--connect-timeout must be positive");
     }
     check_open_files(cfg.connections)?;
-    let target = Target::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?;
+    let nodes = Nodes::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?;
     let run_id = crate::run_id();
     let room = cfg.room.clone().unwrap_or_else(|| format!("bench-idle-{run_id}"));
     let session_count = cfg.sessions.clamp(1, cfg.connections);
-    let sessions = Arc::new(create_sessions(&target, &format!("bench-idle-{run_id}"), session_count).await?);
-    let rss_before = match cfg.server_pid {
-        Some(pid) => Some(procfs::rss_kib(pid).context("reading the server's VmRSS")?),
-        None => None,
-    };
+    let sessions = Arc::new(create_sessions(&nodes, &format!("bench-idle-{run_id}"), session_count).await?);
+    let rss_before = servers_rss_kib(&cfg.server_pid)?;
     let cpu_before = procfs::own_cpu_secs()?;
 
-    let target = Arc::new(target);
+    let nodes = Arc::new(nodes);
     let rooms: Arc<[String]> = Arc::from(vec![room.clone()]);
     let stop = CancellationToken::new();
     let dropped = Arc::new(AtomicUsize::new(0));
-    let (results_tx, mut results_rx) = mpsc::channel::<Result<Duration, String>>(cfg.connections);
+    let (results_tx, mut results_rx) = mpsc::channel::<Connected>(cfg.connections);
     let mut tasks = JoinSet::new();
     let connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
     let ramp_started = Instant::now();
@@ -192,7 +210,8 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
             results.push(result);
         }
         let task = HeldConnection {
-            target: target.clone(),
+            nodes: nodes.clone(),
+            node: index % nodes.len(),
             index,
             sessions: sessions.clone(),
             rooms: rooms.clone(),
@@ -222,10 +241,12 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
     let mut latency = Histogram::new();
     let mut failure_samples: Vec<String> = Vec::new();
     let mut established = 0;
-    for result in &results {
+    let mut established_per_node = vec![0; nodes.len()];
+    for (node, result) in &results {
         match result {
             Ok(elapsed) => {
                 established += 1;
+                established_per_node[*node] += 1;
                 latency.record(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
             }
             Err(message) => {
@@ -245,8 +266,7 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
     let mut rss_max = None;
     let mut rss_last = None;
     loop {
-        if let Some(pid) = cfg.server_pid {
-            let rss = procfs::rss_kib(pid).context("reading the server's VmRSS")?;
+        if let Some(rss) = servers_rss_kib(&cfg.server_pid)? {
             rss_last = Some(rss);
             rss_max = Some(rss_max.unwrap_or(0).max(rss));
         }
@@ -280,9 +300,11 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
         connections: cfg.connections,
         established,
         failed: cfg.connections - established,
+        nodes: cfg.url.clone(),
+        established_per_node,
         dropped_while_holding: dropped.load(Ordering::Relaxed),
         failure_samples,
-        sources: target.sources.len().max(1),
+        sources: nodes.node(0).sources.len().max(1),
         sessions: session_count,
         room,
         ramp_secs,
@@ -297,15 +319,32 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
     })
 }
 
+/// VmRSS of the processes `pids`, added up; `None` without pids.
+fn servers_rss_kib(pids: &[u32]) -> anyhow::Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut total = 0;
+    for &pid in pids {
+        total += procfs::rss_kib(pid).with_context(|| format!("reading the VmRSS of server {pid}"))?;
+    }
+    Ok(Some(total))
+}
+
+/// What a connection of the ramp reports: its node, and its connect + join time or why it failed.
+type Connected = (usize, Result<Duration, String>);
+
 /// One connection of the ramp: connects, joins, reports, then holds until stopped.
 struct HeldConnection {
-    target: Arc<Target>,
+    nodes: Arc<Nodes>,
+    /// Which of the nodes this connection goes to.
+    node: usize,
     index: usize,
     sessions: Arc<Vec<String>>,
     rooms: Arc<[String]>,
     read_buffer: usize,
     timeout: Duration,
-    results: mpsc::Sender<Result<Duration, String>>,
+    results: mpsc::Sender<Connected>,
     stop: CancellationToken,
     dropped: Arc<AtomicUsize>,
 }
@@ -313,7 +352,7 @@ struct HeldConnection {
 impl HeldConnection {
     async fn run(self) {
         let spec = ConnectSpec {
-            target: &self.target,
+            target: self.nodes.node(self.node),
             index: self.index,
             session: &self.sessions[self.index % self.sessions.len()],
             rooms: &self.rooms,
@@ -323,11 +362,11 @@ impl HeldConnection {
         let joined = connect_and_join(spec).await;
         let mut ws = match joined {
             Ok(joined) => {
-                let _ = self.results.send(Ok(joined.latency)).await;
+                let _ = self.results.send((self.node, Ok(joined.latency))).await;
                 joined.ws
             }
             Err(e) => {
-                let _ = self.results.send(Err(format!("{e:#}"))).await;
+                let _ = self.results.send((self.node, Err(format!("{e:#}")))).await;
                 return;
             }
         };

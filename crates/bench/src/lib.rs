@@ -13,6 +13,10 @@
 //! ([`scan`]) instead of decoding JSON, runs one task per connection on a multi-threaded runtime,
 //! and spreads connections over several loopback source addresses. It refuses non-loopback targets
 //! unless explicitly allowed.
+//!
+//! Both scenarios can load several nodes that share a backend (e.g. one Redis) at once: given
+//! several `--url`s, they spread connections and session creation over the nodes round-robin
+//! ([`target::Nodes`]) and report per node as well.
 
 pub mod fanout;
 pub mod histogram;
@@ -23,7 +27,7 @@ pub mod session;
 pub mod target;
 pub mod ws;
 
-pub use fanout::{FanoutConfig, FanoutReport, PublishRate, RoomReport, run_fanout};
+pub use fanout::{FanoutConfig, FanoutReport, NodeReport, PublishRate, RoomReport, ServerUsage, run_fanout};
 pub use histogram::Percentiles;
 pub use idle::{IdleConfig, IdleReport, run_idle};
 

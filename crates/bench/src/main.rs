@@ -1,4 +1,5 @@
-//! The `switchyard-bench` command line: `idle` and `fanout` scenarios against a running server.
+//! The `switchyard-bench` command line: `idle` and `fanout` scenarios against a running server, or
+//! against several nodes that share a backend (`--url` repeated).
 //! Prints a readable report, or one JSON line with `--json`.
 
 use std::process::ExitCode;

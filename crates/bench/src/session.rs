@@ -1,4 +1,5 @@
-//! Getting connections ready: sessions over the HTTP API, then connect, `welcome`, `join`, `joined`.
+//! Getting connections ready: sessions over the HTTP API (created round-robin on the nodes under
+//! test), then connect, `welcome`, `join`, `joined`.
 
 use std::time::{Duration, Instant};
 
@@ -6,19 +7,25 @@ use anyhow::{Context, anyhow, bail};
 use switchyard_client::Http;
 
 use crate::scan::{self, FrameKind};
-use crate::target::Target;
+use crate::target::{Nodes, Target};
 use crate::ws::{Incoming, WsConnection};
 
-/// Creates `count` sessions for users `{prefix}-0`, `{prefix}-1`, ... and returns their ids.
-pub async fn create_sessions(target: &Target, prefix: &str, count: usize) -> anyhow::Result<Vec<String>> {
-    let http = Http::new(target.endpoint.addr);
+/// Creates `count` sessions for users `{prefix}-0`, `{prefix}-1`, ... and returns their ids. Session
+/// `i` is created on node `i` (round-robin): with several nodes the sessions must be valid on every
+/// node (a shared backend), as connections then use them on other nodes too.
+pub async fn create_sessions(nodes: &Nodes, prefix: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    let clients: Vec<(Http, String)> = nodes
+        .iter()
+        .map(|target| (Http::new(target.endpoint.addr), target.endpoint.host.clone()))
+        .collect();
     let mut sessions = Vec::with_capacity(count);
     for index in 0..count {
         let user = format!("{prefix}-{index}");
+        let (http, host) = &clients[index % clients.len()];
         let session = http
             .create_session(&user)
             .await
-            .with_context(|| format!("creating a session for {user}"))?;
+            .with_context(|| format!("creating a session for {user} on {host}"))?;
         sessions.push(session);
     }
     Ok(sessions)

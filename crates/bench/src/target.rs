@@ -1,5 +1,6 @@
-//! The server under test: its URL, the loopback-only policy, the source addresses connections are
-//! spread over, and the open-file budget of this process.
+//! The servers under test: their URLs (one node, or several nodes that share a backend), the
+//! loopback-only policy, the source addresses connections are spread over, and the open-file budget
+//! of this process.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -78,6 +79,53 @@ impl Target {
     }
 }
 
+/// One or more nodes that share a backend (e.g. one Redis), so that a session, a room's offsets
+/// and its history are the same on each of them. Connections, session creation and history reads
+/// are spread over the nodes round-robin.
+#[derive(Debug, Clone)]
+pub struct Nodes {
+    targets: Vec<Target>,
+}
+
+impl Nodes {
+    /// Resolves every URL as [`Target::resolve`] does. At least one URL is needed; the same URL
+    /// twice is refused (it would count one node twice).
+    pub async fn resolve(urls: &[String], allow_remote: bool, sources: u8) -> anyhow::Result<Nodes> {
+        if urls.is_empty() {
+            bail!("at least one --url is needed");
+        }
+        let mut targets: Vec<Target> = Vec::with_capacity(urls.len());
+        for url in urls {
+            let target = Target::resolve(url, allow_remote, sources).await?;
+            if targets.iter().any(|t| t.endpoint.addr == target.endpoint.addr) {
+                bail!("--url {url} is given twice (as {})", target.endpoint.addr);
+            }
+            targets.push(target);
+        }
+        Ok(Nodes { targets })
+    }
+
+    /// How many nodes there are (at least 1).
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Always false: there is at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// Node `n`, counted round-robin (`n` modulo the number of nodes).
+    pub fn node(&self, n: usize) -> &Target {
+        &self.targets[n % self.targets.len()]
+    }
+
+    /// The nodes in the order their URLs were given.
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.targets.iter()
+    }
+}
+
 /// Fails clearly when `connections` sockets would not fit under this process's open-file limit.
 pub fn check_open_files(connections: usize) -> anyhow::Result<()> {
     let limit = procfs::open_files_limit()?;
@@ -111,5 +159,22 @@ mod tests {
         assert_eq!(target.endpoint.host, "127.0.0.1:9");
         assert!(check_open_files(10_000_000).is_err());
         assert!(check_open_files(10).is_ok());
+    }
+
+    #[tokio::test]
+    async fn nodes_are_used_round_robin() {
+        let urls = [
+            "http://127.0.0.1:9".to_string(),
+            "http://127.0.0.1:10".to_string(),
+        ];
+        let nodes = Nodes::resolve(&urls, false, 1).await.unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes.node(0).endpoint.host, "127.0.0.1:9");
+        assert_eq!(nodes.node(3).endpoint.host, "127.0.0.1:10");
+        assert!(Nodes::resolve(&[], false, 1).await.is_err());
+        let twice = [urls[0].clone(), urls[0].clone()];
+        assert!(Nodes::resolve(&twice, false, 1).await.is_err());
+        let remote = [urls[0].clone(), "http://192.0.2.1:80".to_string()];
+        assert!(Nodes::resolve(&remote, false, 1).await.is_err());
     }
 }
