@@ -502,6 +502,31 @@ pub async fn sessions_in_seed_format(b: Backends) {
     assert!(b.sessions.validate(&id).await.unwrap().is_none());
     assert!(!b.sessions.set_status(&id, STATUS_ACTIVE).await.unwrap());
 
+    // Connections are counted across nodes: only the last one's end marks the session disconnected.
+    let counted = unique("sess");
+    b.sessions
+        .create(&counted, &record(serde_json::json!("carl")))
+        .await
+        .unwrap();
+    b.sessions.connection_opened(&counted).await.unwrap();
+    b.sessions.connection_opened(&counted).await.unwrap();
+    assert!(!b.sessions.connection_closed(&counted).await.unwrap());
+    assert_eq!(
+        b.sessions.get(&counted).await.unwrap().unwrap().record.status,
+        STATUS_ACTIVE
+    );
+    assert!(b.sessions.connection_closed(&counted).await.unwrap());
+    assert_eq!(
+        b.sessions.get(&counted).await.unwrap().unwrap().record.status,
+        STATUS_DISCONNECTED
+    );
+    b.sessions.connection_opened(&counted).await.unwrap();
+    assert!(b.sessions.validate(&counted).await.unwrap().is_some());
+    assert!(
+        b.sessions.connection_closed(&counted).await.unwrap(),
+        "the count starts again after the last detach"
+    );
+
     let numeric = unique("sess");
     let mut extra = record(serde_json::json!(42));
     extra.extra.insert("rooms".into(), serde_json::json!(["lobby"]));

@@ -19,7 +19,7 @@ use tungstenite::Utf8Bytes;
 
 use crate::backend::{
     BackendError, Backends, DirectOutcome, DisconnectTarget, NewDirect, NewPublication, PresenceDiff,
-    PublishOutcome, Recovery, STATUS_DISCONNECTED, Session, SystemMessage,
+    PublishOutcome, Recovery, Session, SystemMessage,
 };
 use crate::clock::{Clock, unix_ms};
 use crate::conn::{ConnId, ConnKind, Connection};
@@ -190,7 +190,13 @@ impl Node {
         }
     }
 
-    fn new_connection(&self, id: ConnId, session: &Session, user: UserId, kind: ConnKind) -> Arc<Connection> {
+    async fn new_connection(
+        &self,
+        id: ConnId,
+        session: &Session,
+        user: UserId,
+        kind: ConnKind,
+    ) -> Arc<Connection> {
         let conn = Connection::new(
             id,
             user,
@@ -202,6 +208,9 @@ impl Node {
         self.hub.register(&conn);
         self.metrics.connections_opened.inc();
         self.metrics.active_connections.inc();
+        if let Err(e) = self.backends.sessions.connection_opened(&session.id).await {
+            tracing::warn!(conn = id, error = %e, "session connection not counted");
+        }
         conn
     }
 
@@ -214,7 +223,7 @@ impl Node {
         user: UserId,
         auth_ref: Option<Ref>,
     ) -> Arc<Connection> {
-        let conn = self.new_connection(id, session, user, ConnKind::Native);
+        let conn = self.new_connection(id, session, user, ConnKind::Native).await;
         let inbox = match self.backends.broker.inbox(&conn.user).await {
             Ok(inbox) => inbox,
             Err(e) => {
@@ -243,7 +252,7 @@ impl Node {
         room_name: &str,
     ) -> Result<(Arc<Connection>, RoomName), RequestError> {
         let room = seed_room(room_name)?;
-        let conn = self.new_connection(id, session, user, ConnKind::Seed);
+        let conn = self.new_connection(id, session, user, ConnKind::Seed).await;
         let welcome = Utf8Bytes::from(
             SeedFrame::Welcome {
                 session_id: session.id.clone(),
@@ -597,19 +606,13 @@ impl Node {
     }
 
     /// Releases everything a connection holds: rooms, presence, subscriptions, counters, and marks
-    /// its session `disconnected` when it was the session's last connection here.
+    /// its session `disconnected` when it was the session's last connection on any node.
     pub async fn close(&self, conn: &Arc<Connection>) {
-        let (rooms, last_of_session) = self.hub.unregister(conn);
+        let (rooms, _) = self.hub.unregister(conn);
         for room in &rooms {
             self.after_leave(conn, room).await;
         }
-        if last_of_session
-            && let Err(e) = self
-                .backends
-                .sessions
-                .set_status(&conn.session_id, STATUS_DISCONNECTED)
-                .await
-        {
+        if let Err(e) = self.backends.sessions.connection_closed(&conn.session_id).await {
             tracing::warn!(conn = conn.id, error = %e, "session status not updated");
         }
         self.metrics.active_connections.dec();

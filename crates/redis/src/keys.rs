@@ -20,6 +20,12 @@ impl Keys {
         format!("{}session:{id}", self.prefix)
     }
 
+    /// Connections of a session on all nodes. The hash tag is the session key itself, so both
+    /// share a Cluster slot.
+    pub fn session_connections(&self, id: &str) -> String {
+        format!("{{{}}}:conns", self.session(id))
+    }
+
     /// Hash `{top, epoch}` of a room's stream.
     pub fn room_meta(&self, room: &RoomName) -> String {
         format!("{}sy:{{{room}}}:meta", self.prefix)

@@ -1067,6 +1067,44 @@ impl SessionStore for RedisBackend {
             .await?;
         Ok(removed == 1)
     }
+
+    async fn connection_opened(&self, id: &str) -> BackendResult<()> {
+        self.session_attach(id).await
+    }
+
+    async fn connection_closed(&self, id: &str) -> BackendResult<bool> {
+        self.session_detach(id).await
+    }
+}
+
+// (SessionStore continues: connection counting.)
+impl RedisBackend {
+    async fn session_attach(&self, id: &str) -> BackendResult<()> {
+        let key = self.keys.session_connections(id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
+            .arg(&key)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(self.settings.session_ttl_secs)
+            .ignore();
+        self.breaker
+            .call("count session connection", self.commands.pipeline::<()>(&pipe))
+            .await
+    }
+
+    async fn session_detach(&self, id: &str) -> BackendResult<bool> {
+        let mut invocation = scripts::SESSION_DETACH.prepare_invoke();
+        invocation
+            .key(self.keys.session_connections(id))
+            .key(self.keys.session(id));
+        let last: i64 = self
+            .breaker
+            .call("uncount session connection", self.commands.invoke(&invocation))
+            .await?;
+        Ok(last == 1)
+    }
 }
 
 #[async_trait]

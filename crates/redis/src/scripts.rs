@@ -257,3 +257,21 @@ return 1
 "#,
     )
 });
+
+/// Uncount a connection of a session; the last one marks the session `disconnected` (in place,
+/// keeping its TTL). KEYS: counter, session. Returns 1 when it was the last connection.
+pub static SESSION_DETACH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = redis.call('DECR', KEYS[1])
+if n > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+local raw = redis.call('GET', KEYS[2])
+if raw then
+  local replaced, changed = string.gsub(raw, '("status"%s*:%s*)"[^"]*"', '%1"disconnected"', 1)
+  if changed > 0 then redis.call('SET', KEYS[2], replaced, 'KEEPTTL') end
+end
+return 1
+"#,
+    )
+});

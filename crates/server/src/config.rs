@@ -306,6 +306,11 @@ impl Config {
                         );
                     }
                 }
+                if self.redis_key_prefix.contains(['{', '}']) {
+                    anyhow::bail!(
+                        "invalid configuration: `redis_key_prefix` must not contain braces (they select Cluster hash slots)"
+                    );
+                }
                 for (name, value) in [
                     ("redis_timeout_ms", self.redis_timeout_ms),
                     ("redis_breaker_failures", u64::from(self.redis_breaker_failures)),

@@ -281,3 +281,49 @@ async fn a_crashed_nodes_members_leave_within_the_presence_ttl() {
     let users = node_b.http.get("/api/rooms/r/presence").await.unwrap().body["users"].clone();
     assert_eq!(users, json!([{ "user_id": "bob", "connections": 1 }]));
 }
+
+#[tokio::test]
+async fn a_session_is_disconnected_only_when_its_last_connection_on_any_node_closes() {
+    let redis = RedisProcess::start().await;
+    let nodes = nodes(&redis, 2).await;
+    let (on_a, session) = nodes[0].connect("fay").await;
+    let mut on_b = Client::connect(&nodes[1].ws_url(&format!("?session={session}")))
+        .await
+        .unwrap();
+    on_b.welcome().await.unwrap();
+    on_a.close().await.unwrap();
+    // Node A has finished closing once its active-connection gauge is back to zero.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while nodes[0].metric("websocket_active_connections").await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let status = |body: serde_json::Value| body["status"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        status(
+            nodes[1]
+                .http
+                .get(&format!("/api/sessions/{session}"))
+                .await
+                .unwrap()
+                .body
+        ),
+        "active"
+    );
+    on_b.close().await.unwrap();
+    while status(
+        nodes[0]
+            .http
+            .get(&format!("/api/sessions/{session}"))
+            .await
+            .unwrap()
+            .body,
+    ) != "disconnected"
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last close marks the session disconnected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -102,6 +102,7 @@ pub struct MemoryBackend {
     streams: ShardedMap<RoomName, Arc<Mutex<RoomStream>>>,
     inboxes: ShardedMap<UserId, Inbox>,
     sessions: Mutex<HashMap<String, Stored<SessionRecord>>>,
+    session_connections: Mutex<HashMap<String, u32>>,
     presence: ShardedMap<RoomName, BTreeMap<UserId, HashSet<u64>>>,
 }
 
@@ -113,6 +114,7 @@ impl MemoryBackend {
             streams: ShardedMap::new(),
             inboxes: ShardedMap::new(),
             sessions: Mutex::new(HashMap::new()),
+            session_connections: Mutex::new(HashMap::new()),
             presence: ShardedMap::new(),
         })
     }
@@ -455,6 +457,31 @@ impl SessionStore for MemoryBackend {
     async fn delete(&self, id: &str) -> BackendResult<bool> {
         let now = Instant::now();
         Ok(self.sessions.lock().remove(id).is_some_and(|s| s.expires > now))
+    }
+
+    async fn connection_opened(&self, id: &str) -> BackendResult<()> {
+        *self.session_connections.lock().entry(id.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    async fn connection_closed(&self, id: &str) -> BackendResult<bool> {
+        let last = {
+            let mut counts = self.session_connections.lock();
+            match counts.get_mut(id) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    counts.remove(id);
+                    true
+                }
+            }
+        };
+        if last {
+            self.set_status(id, STATUS_DISCONNECTED).await?;
+        }
+        Ok(last)
     }
 }
 

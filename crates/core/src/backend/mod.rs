@@ -235,6 +235,11 @@ pub trait SessionStore: Send + Sync {
     async fn set_status(&self, id: &str, status: &str) -> BackendResult<bool>;
     /// Removes the session. False when it did not exist.
     async fn delete(&self, id: &str) -> BackendResult<bool>;
+    /// Counts a connection of the session, on whichever node.
+    async fn connection_opened(&self, id: &str) -> BackendResult<()>;
+    /// Uncounts a connection; when it was the session's last connection on any node, marks the
+    /// session `disconnected` (keeping its TTL) and returns true.
+    async fn connection_closed(&self, id: &str) -> BackendResult<bool>;
 }
 
 /// Who is in which room.
