@@ -31,6 +31,8 @@ pub struct Connection {
     last_seen_ms: AtomicU64,
     /// Coarse ms of the last keepalive ping sent.
     last_ping_ms: AtomicU64,
+    /// Coarse ms when the write in progress started; 0 when not writing.
+    write_started_ms: AtomicU64,
     rooms: Mutex<Vec<RoomName>>,
 }
 
@@ -51,6 +53,7 @@ impl Connection {
             queue: OutboundQueue::new(limits),
             last_seen_ms: AtomicU64::new(now_ms),
             last_ping_ms: AtomicU64::new(now_ms),
+            write_started_ms: AtomicU64::new(0),
             rooms: Mutex::new(Vec::new()),
         })
     }
@@ -58,6 +61,21 @@ impl Connection {
     /// Records client activity (any frame, including pongs).
     pub fn touch(&self, now_ms: u64) {
         self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Marks the start of a write to the socket.
+    pub fn write_started(&self, now_ms: u64) {
+        self.write_started_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    pub fn write_finished(&self) {
+        self.write_started_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether a write has been blocked for longer than `timeout_ms`.
+    pub(crate) fn write_stuck(&self, now_ms: u64, timeout_ms: u64) -> bool {
+        let started = self.write_started_ms.load(Ordering::Relaxed);
+        started != 0 && now_ms.saturating_sub(started) > timeout_ms
     }
 
     pub fn last_seen_ms(&self) -> u64 {

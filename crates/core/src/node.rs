@@ -46,6 +46,8 @@ pub struct NodeSettings {
     pub ping_interval_ms: u64,
     /// A connection silent for this long (no frame, no pong) is closed, ms.
     pub idle_timeout_ms: u64,
+    /// A write to a client blocked for this long closes it as a slow consumer, ms.
+    pub write_timeout_ms: u64,
     pub drain: DrainSettings,
 }
 
@@ -61,6 +63,7 @@ impl Default for NodeSettings {
             recovery_max_bytes: 16 * 1024 * 1024,
             ping_interval_ms: 25_000,
             idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
             drain: DrainSettings::default(),
         }
     }
@@ -674,6 +677,11 @@ impl Node {
         let now = self.clock.now_ms();
         for conn in self.hub.connections() {
             if conn.queue.check_expiry(now) {
+                self.metrics.slow_consumers.inc();
+                continue;
+            }
+            if conn.write_stuck(now, self.settings.write_timeout_ms) {
+                conn.queue.abort_slow("slow consumer: write timed out");
                 self.metrics.slow_consumers.inc();
                 continue;
             }

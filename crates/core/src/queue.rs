@@ -189,6 +189,17 @@ impl OutboundQueue {
         self.ready.notify_one();
     }
 
+    /// Closes as a slow consumer even if another close was requested before (whose frames may be
+    /// what the client is not reading): the writer stops waiting at once.
+    pub fn abort_slow(&self, reason: impl Into<String>) {
+        let mut inner = self.inner.lock();
+        inner.items = VecDeque::new();
+        inner.bytes = 0;
+        inner.close = Some(CloseReason::new(CloseCode::SlowConsumer, reason));
+        drop(inner);
+        self.ready.notify_one();
+    }
+
     /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
         self.inner.lock().close.is_some()

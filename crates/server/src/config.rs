@@ -374,6 +374,7 @@ impl Config {
             recovery_max_bytes: self.recovery_max_bytes,
             ping_interval_ms: self.ping_interval_secs * 1000,
             idle_timeout_ms: self.idle_timeout_secs * 1000,
+            write_timeout_ms: self.write_timeout_secs * 1000,
             drain: DrainSettings {
                 timeout: Duration::from_secs(self.drain_timeout_secs),
                 batch_size: self.drain_batch_size,

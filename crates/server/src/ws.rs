@@ -396,14 +396,16 @@ async fn pump_frames(
 ) -> Option<CloseReason> {
     let shutdown = state.shutdown();
     let write_timeout = state.write_timeout();
-    let read_pause_len = (node.settings.queue.capacity / 2).max(1);
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Some(CloseReason::new(CloseCode::GoingAway, "server shutting down")),
             _ = conn.queue.ready() => {
                 let batch = conn.queue.take();
-                let write = tokio::time::timeout(write_timeout, async {
+                // No timer per write: the sweeper closes the queue (4008) when a write has been
+                // blocked longer than the write timeout, which ends the wait below.
+                conn.write_started(node.clock.now_ms());
+                let write = async {
                     for (frame, _) in batch.frames {
                         let message = match frame {
                             Outbound::Text(text) => Message::Text(text),
@@ -412,35 +414,32 @@ async fn pump_frames(
                         ws.feed(message).await?;
                     }
                     ws.flush().await
-                });
+                };
                 let written = tokio::select! {
                     written = write => written,
-                    // The queue overflowed while this write was blocked: stop now. Frames already
+                    // The queue overflowed, or the write took too long: stop now. Frames already
                     // buffered stay whole; the close frame follows them.
                     close = conn.queue.overflowed() => return Some(close),
+                    _ = shutdown.cancelled() => return Some(CloseReason::new(CloseCode::GoingAway, "server shutting down")),
                 };
-                match written {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return None,
-                    Err(_) => {
-                        node.metrics.slow_consumers.inc();
-                        return Some(CloseReason::new(CloseCode::SlowConsumer, "slow consumer: write timed out"));
-                    }
+                conn.write_finished();
+                if written.is_err() {
+                    return None;
                 }
                 if let Some(close) = batch.close {
                     return Some(close);
                 }
             }
-            // Backpressure: while this connection's own queue is over half full, read no new
-            // requests. A publisher in a busy room (it receives its room's messages too) is thereby
-            // held to the pace at which the room drains, through TCP flow control, instead of
-            // pushing its room's subscribers over their limits.
-            msg = ws.next(), if conn.queue.len() < read_pause_len => {
+            // Backpressure comes from the order of these branches: a request is read only when
+            // everything queued for this connection has been written to its socket. A publisher in
+            // a busy room (it receives its room's messages too) is thereby held to the pace at which
+            // it can take the room's traffic, through TCP flow control.
+            msg = ws.next() => {
                 let text = match msg {
                     None => return None,
                     Some(Ok(Message::Close(_))) => {
                         // tungstenite queued the close reply; send it before dropping the socket.
-                        let _ = tokio::time::timeout(write_timeout, ws.flush()).await;
+                        let _ = Box::pin(tokio::time::timeout(write_timeout, ws.flush())).await;
                         return None;
                     }
                     Some(Ok(Message::Text(text))) => text,

@@ -277,3 +277,51 @@ async fn drain_over_the_api() {
     assert_eq!(client.closed().await.unwrap().0, Some(1012));
     assert_eq!(server.wait_exit(Duration::from_secs(30)).await, Some(0));
 }
+
+#[tokio::test]
+async fn a_write_blocked_longer_than_the_write_timeout_closes_with_4008() {
+    let server = Server::start(&[
+        ("SWITCHYARD_WRITE_TIMEOUT_SECS", "1"),
+        ("SWITCHYARD_QUEUE_CAPACITY", "1000000"),
+        ("SWITCHYARD_QUEUE_MAX_BYTES", "1000000000"),
+        ("SWITCHYARD_QUEUE_EXPIRY_SECS", "600"),
+    ])
+    .await;
+    let (mut publisher, _) = server.connect("pub").await;
+    publisher.join("w", None).await.unwrap();
+    let session = server.http.create_session("stuck").await.unwrap();
+    let options = ConnectOptions {
+        recv_buffer: Some(4096),
+        ..ConnectOptions::default()
+    };
+    let mut stuck = Client::connect_with(&server.ws_url(&format!("?session={session}")), &options)
+        .await
+        .unwrap();
+    stuck.welcome().await.unwrap();
+    stuck.join("w", None).await.unwrap();
+    // The stuck client reads nothing; its socket fills and the server's write blocks.
+    let payload = "y".repeat(16 * 1024);
+    let mut published = 0;
+    loop {
+        assert!(published < 20_000, "the blocked writer was never cut off");
+        publisher
+            .publish("w", json!({ "pad": payload }), None)
+            .await
+            .unwrap();
+        published += 1;
+        if published % 25 == 0 {
+            let presence = server.http.get("/api/rooms/w/presence").await.unwrap();
+            if presence.body["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|u| u["user_id"] != "stuck")
+            {
+                break;
+            }
+        }
+    }
+    let (code, reason) = stuck.closed().await.unwrap();
+    assert_eq!(code, Some(4008));
+    assert!(reason.contains("write timed out"), "{reason}");
+}
