@@ -333,10 +333,10 @@ impl DeliverySink for Hub {
                 // Joins take one backend round trip; a room faster than the queue allows meanwhile
                 // makes this member a slow consumer like any other.
                 if pending.len() >= self.queue_capacity {
-                    member.conn.queue.close(CloseReason::new(
-                        CloseCode::SlowConsumer,
-                        "slow consumer: too many publications while joining",
-                    ));
+                    member
+                        .conn
+                        .queue
+                        .abort_slow("slow consumer: too many publications while joining");
                     self.metrics.slow_consumers.inc();
                 } else {
                     pending.push(publication.clone());

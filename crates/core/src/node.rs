@@ -671,6 +671,14 @@ impl Node {
         self.backends.broker.disconnect(target).await.map_err(Into::into)
     }
 
+    /// Closes every connection at once (discarding what is queued), e.g. when the drain timeout
+    /// has passed.
+    pub fn abort_all(&self, reason: CloseReason) {
+        for conn in self.hub.connections() {
+            conn.queue.abort(reason.clone());
+        }
+    }
+
     /// Closes connections that are idle, stuck behind expired queued messages, and pings the rest
     /// when due. One shared pass for all connections instead of a timer each.
     pub fn sweep(&self) {

@@ -9,8 +9,10 @@
 use std::collections::VecDeque;
 
 use parking_lot::Mutex;
+use std::task::{Context, Poll};
 use switchyard_proto::CloseCode;
-use tokio::sync::Notify;
+
+use futures_util::task::AtomicWaker;
 use tungstenite::Utf8Bytes;
 
 /// Limits of one queue.
@@ -79,23 +81,44 @@ struct Inner {
     items: VecDeque<(Outbound, u64)>,
     bytes: usize,
     close: Option<CloseReason>,
+    /// The close discards what is queued and interrupts a write in progress (overflow, stuck
+    /// write, shutdown), rather than following the queued frames (drain, disconnect).
+    aborted: bool,
     /// Frames and bytes of a recovery backlog queued on top of the limits; cleared when the writer
     /// takes the queue.
     extra_items: usize,
     extra_bytes: usize,
 }
 
+impl Inner {
+    fn abort(&mut self, reason: CloseReason) {
+        if self.aborted {
+            return;
+        }
+        self.items = VecDeque::new();
+        self.bytes = 0;
+        self.close = Some(reason);
+        self.aborted = true;
+    }
+
+    fn has_work(&self) -> bool {
+        !self.items.is_empty() || self.close.is_some()
+    }
+}
+
 /// What the writer takes from the queue.
 pub struct Batch {
     pub frames: VecDeque<(Outbound, u64)>,
-    /// Set once the connection must close; the frames are to be sent first only if `code` is not
-    /// a slow-consumer close (whose frames were already discarded).
+    /// Set once the connection must close: after `frames` are sent, or at once when `aborted`.
     pub close: Option<CloseReason>,
+    pub aborted: bool,
 }
 
+/// The queue of one connection. One task (the connection's writer) consumes it; it is woken
+/// through an `AtomicWaker` (a few bytes, no future to keep per connection).
 pub struct OutboundQueue {
     inner: Mutex<Inner>,
-    ready: Notify,
+    waker: AtomicWaker,
     limits: QueueLimits,
 }
 
@@ -103,9 +126,24 @@ impl OutboundQueue {
     pub fn new(limits: QueueLimits) -> Self {
         OutboundQueue {
             inner: Mutex::new(Inner::default()),
-            ready: Notify::new(),
+            waker: AtomicWaker::new(),
             limits,
         }
+    }
+
+    fn slow_reason(&self, too_old: bool) -> CloseReason {
+        let reason = if too_old {
+            format!(
+                "slow consumer: a queued message waited over {} ms",
+                self.limits.expiry_ms
+            )
+        } else {
+            format!(
+                "slow consumer: outbound queue full ({} messages / {} bytes)",
+                self.limits.capacity, self.limits.max_bytes
+            )
+        };
+        CloseReason::new(CloseCode::SlowConsumer, reason)
     }
 
     /// Queues one frame, stamped with the coarse time `now_ms`.
@@ -123,22 +161,9 @@ impl OutboundQueue {
             || inner.bytes + len > self.limits.max_bytes + inner.extra_bytes
             || too_old
         {
-            let reason = if too_old {
-                format!(
-                    "slow consumer: a queued message waited over {} ms",
-                    self.limits.expiry_ms
-                )
-            } else {
-                format!(
-                    "slow consumer: outbound queue full ({} messages / {} bytes)",
-                    self.limits.capacity, self.limits.max_bytes
-                )
-            };
-            inner.items = VecDeque::new();
-            inner.bytes = 0;
-            inner.close = Some(CloseReason::new(CloseCode::SlowConsumer, reason));
+            inner.abort(self.slow_reason(too_old));
             drop(inner);
-            self.ready.notify_one();
+            self.waker.wake();
             return Err(PushError::SlowConsumer);
         }
         let was_empty = inner.items.is_empty();
@@ -146,7 +171,7 @@ impl OutboundQueue {
         inner.bytes += len;
         drop(inner);
         if was_empty {
-            self.ready.notify_one();
+            self.waker.wake();
         }
         Ok(())
     }
@@ -173,31 +198,31 @@ impl OutboundQueue {
         }
         drop(inner);
         if was_empty {
-            self.ready.notify_one();
+            self.waker.wake();
         }
         Ok(())
     }
 
-    /// Asks the writer to close the connection (after sending what is queued, unless the queue
-    /// overflowed). The first reason wins.
+    /// Asks the writer to close the connection after sending what is queued. The first reason wins.
     pub fn close(&self, reason: CloseReason) {
         let mut inner = self.inner.lock();
         if inner.close.is_none() {
             inner.close = Some(reason);
         }
         drop(inner);
-        self.ready.notify_one();
+        self.waker.wake();
     }
 
-    /// Closes as a slow consumer even if another close was requested before (whose frames may be
-    /// what the client is not reading): the writer stops waiting at once.
+    /// Closes at once: discards what is queued and interrupts a write in progress, even if a
+    /// graceful close was requested before (whose frames may be what the client is not reading).
+    pub fn abort(&self, reason: CloseReason) {
+        self.inner.lock().abort(reason);
+        self.waker.wake();
+    }
+
+    /// Aborts as a slow consumer (4008).
     pub fn abort_slow(&self, reason: impl Into<String>) {
-        let mut inner = self.inner.lock();
-        inner.items = VecDeque::new();
-        inner.bytes = 0;
-        inner.close = Some(CloseReason::new(CloseCode::SlowConsumer, reason));
-        drop(inner);
-        self.ready.notify_one();
+        self.abort(CloseReason::new(CloseCode::SlowConsumer, reason));
     }
 
     /// Whether a close was requested.
@@ -205,7 +230,7 @@ impl OutboundQueue {
         self.inner.lock().close.is_some()
     }
 
-    /// Closes with 4008 when the oldest queued frame is past the expiry. Called by the sweeper, so
+    /// Aborts with 4008 when the oldest queued frame is past the expiry. Called by the sweeper, so
     /// that a writer stuck on a dead socket is found even when nothing new is published.
     pub fn check_expiry(&self, now_ms: u64) -> bool {
         let mut inner = self.inner.lock();
@@ -215,46 +240,48 @@ impl OutboundQueue {
                 .front()
                 .is_some_and(|(_, at)| now_ms.saturating_sub(*at) > self.limits.expiry_ms);
         if expired {
-            inner.items = VecDeque::new();
-            inner.bytes = 0;
-            inner.close = Some(CloseReason::new(
-                CloseCode::SlowConsumer,
-                format!(
-                    "slow consumer: a queued message waited over {} ms",
-                    self.limits.expiry_ms
-                ),
-            ));
+            inner.abort(self.slow_reason(true));
             drop(inner);
-            self.ready.notify_one();
+            self.waker.wake();
         }
         expired
     }
 
-    /// Waits until there is something to write or a close was requested.
-    pub async fn ready(&self) {
-        loop {
-            {
-                let inner = self.inner.lock();
-                if !inner.items.is_empty() || inner.close.is_some() {
-                    return;
-                }
-            }
-            self.ready.notified().await;
+    /// Ready when there is something to write or a close was requested.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.inner.lock().has_work() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.inner.lock().has_work() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
-    /// Waits until the queue overflowed (a 4008 close). The writer awaits this while a write is
-    /// blocked, so that a slow consumer is cut off at once instead of at the write timeout. (Only
-    /// one task waits on the queue at a time, so `ready` and this can share one `Notify`.)
-    pub async fn overflowed(&self) -> CloseReason {
-        loop {
-            if let Some(close) = &self.inner.lock().close
-                && close.code == CloseCode::SlowConsumer
-            {
-                return close.clone();
-            }
-            self.ready.notified().await;
+    /// Ready (with the reason) once the queue was aborted; the writer polls this while a write is
+    /// blocked, so a slow consumer is cut off at once.
+    pub fn poll_aborted(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let aborted = |inner: &Inner| inner.aborted.then(|| inner.close.clone()).flatten();
+        if let Some(reason) = aborted(&self.inner.lock()) {
+            return Poll::Ready(reason);
         }
+        self.waker.register(cx.waker());
+        match aborted(&self.inner.lock()) {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Waits until there is something to write or a close was requested.
+    pub async fn ready(&self) {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    /// Waits until the queue is aborted.
+    pub async fn aborted(&self) -> CloseReason {
+        std::future::poll_fn(|cx| self.poll_aborted(cx)).await
     }
 
     /// Takes everything queued (and the close request, if any).
@@ -266,6 +293,7 @@ impl OutboundQueue {
         Batch {
             frames: std::mem::take(&mut inner.items),
             close: inner.close.clone(),
+            aborted: inner.aborted,
         }
     }
 

@@ -175,7 +175,7 @@ impl Default for Config {
             max_history_limit: node.max_history_limit,
             recovery_max_publications: node.recovery_max_publications,
             recovery_max_bytes: node.recovery_max_bytes,
-            ws_read_buffer_bytes: 1024,
+            ws_read_buffer_bytes: 512,
             ws_write_buffer_bytes: 16 * 1024,
             ping_interval_secs: node.ping_interval_ms / 1000,
             idle_timeout_secs: node.idle_timeout_ms / 1000,

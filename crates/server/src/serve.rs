@@ -13,6 +13,8 @@ use switchyard_core::backend::memory::MemoryBackend;
 use switchyard_core::clock::Clock;
 use switchyard_core::metrics::Metrics;
 use switchyard_core::node::Node;
+use switchyard_core::queue::CloseReason;
+use switchyard_proto::CloseCode;
 use switchyard_redis::RedisBackend;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -100,6 +102,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!(left, "drain timeout reached; closing the remaining connections");
     }
+    node.abort_all(CloseReason::new(CloseCode::GoingAway, "server shutting down"));
     state.shutdown().cancel();
     let _ = accept_loop.await;
     tasks.close();

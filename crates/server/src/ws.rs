@@ -4,13 +4,16 @@
 //! connection's queue holds, all queued frames in one flush.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use switchyard_core::conn::{ConnId, Connection};
 use switchyard_core::metrics::FailReason;
@@ -269,16 +272,27 @@ async fn connection(
     // Set-up and tear-down log inside a `conn` span; no span is kept while the connection idles
     // (a live span costs memory per connection and work on every wake-up), so the request path logs
     // the connection id as a field instead.
-    let setup =
-        open(&state, &node, id, on_upgrade, session, &protocol).instrument(tracing::info_span!("conn", id));
-    let Some((ws, conn)) = Box::pin(setup).await else {
+    let Some((ws, conn)) = Box::pin(
+        open(&state, &node, id, on_upgrade, session, &protocol).instrument(tracing::info_span!("conn", id)),
+    )
+    .await
+    else {
         return;
     };
     let opened = Instant::now();
-    let (ws, close) = pump(&state, &node, &conn, ws, &protocol).await;
-    let teardown =
-        finish(&state, &node, &conn, ws, close, opened).instrument(tracing::info_span!("conn", id));
-    Box::pin(teardown).await;
+    // The pump is built here, not in a helper taking the socket by value: an async fn keeps its
+    // arguments for its whole life, which would store the socket twice.
+    let mut pump = Pump {
+        node: &node,
+        conn: &conn,
+        protocol: &protocol,
+        ws,
+        state: PumpState::Idle,
+    };
+    let close = std::future::poll_fn(|cx| pump.poll(cx)).await;
+    let ws = pump.ws;
+    Box::pin(finish(&state, &node, &conn, ws, close, opened).instrument(tracing::info_span!("conn", id)))
+        .await;
 }
 
 /// Authenticates and registers the connection, or closes it with the reason.
@@ -375,97 +389,144 @@ async fn finish(
     }
 }
 
-/// Moves frames until the connection ends; returns the close to send, if the server closes.
-async fn pump(
-    state: &AppState,
-    node: &Node,
-    conn: &Arc<Connection>,
-    mut ws: Socket,
-    protocol: &Protocol,
-) -> (Socket, Option<CloseReason>) {
-    let close = pump_frames(state, node, conn, &mut ws, protocol).await;
-    (ws, close)
+/// The steady state of a connection, written as a plain state machine rather than an `async`
+/// loop over `select!`: an idle connection then costs its socket and a few words, instead of the
+/// stored futures of every branch.
+struct Pump<'a> {
+    node: &'a Node,
+    conn: &'a Arc<Connection>,
+    protocol: &'a Protocol,
+    ws: Socket,
+    state: PumpState<'a>,
 }
 
-async fn pump_frames(
-    state: &AppState,
-    node: &Node,
-    conn: &Arc<Connection>,
-    ws: &mut Socket,
-    protocol: &Protocol,
-) -> Option<CloseReason> {
-    let shutdown = state.shutdown();
-    let write_timeout = state.write_timeout();
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Some(CloseReason::new(CloseCode::GoingAway, "server shutting down")),
-            _ = conn.queue.ready() => {
-                let batch = conn.queue.take();
-                // No timer per write: the sweeper closes the queue (4008) when a write has been
-                // blocked longer than the write timeout, which ends the wait below.
-                conn.write_started(node.clock.now_ms());
-                let write = async {
-                    for (frame, _) in batch.frames {
+enum PumpState<'a> {
+    /// Waiting for the queue or the client.
+    Idle,
+    /// Writing a batch taken from the queue; `close` follows it.
+    Writing {
+        frames: std::collections::VecDeque<(Outbound, u64)>,
+        close: Option<CloseReason>,
+    },
+    /// Handling one client request (it may wait on the backend).
+    Handling(Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
+    /// The client closed; our close reply is being flushed.
+    ClosingReply,
+}
+
+impl Pump<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<CloseReason>> {
+        loop {
+            match &mut self.state {
+                PumpState::Handling(request) => {
+                    ready!(request.as_mut().poll(cx));
+                    self.state = PumpState::Idle;
+                }
+                PumpState::Writing { frames, close } => {
+                    // No timer per write: the sweeper aborts the queue (4008) when a write stays
+                    // blocked longer than the write timeout; an overflow or a shutdown aborts it too.
+                    if let Poll::Ready(reason) = self.conn.queue.poll_aborted(cx) {
+                        return Poll::Ready(Some(reason));
+                    }
+                    while !frames.is_empty() {
+                        match Pin::new(&mut self.ws).poll_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(_)) => return Poll::Ready(None),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                        let Some((frame, _)) = frames.pop_front() else {
+                            break;
+                        };
                         let message = match frame {
                             Outbound::Text(text) => Message::Text(text),
                             Outbound::Ping => Message::Ping(Default::default()),
                         };
-                        ws.feed(message).await?;
+                        if Pin::new(&mut self.ws).start_send(message).is_err() {
+                            return Poll::Ready(None);
+                        }
                     }
-                    ws.flush().await
-                };
-                let written = tokio::select! {
-                    written = write => written,
-                    // The queue overflowed, or the write took too long: stop now. Frames already
-                    // buffered stay whole; the close frame follows them.
-                    close = conn.queue.overflowed() => return Some(close),
-                    _ = shutdown.cancelled() => return Some(CloseReason::new(CloseCode::GoingAway, "server shutting down")),
-                };
-                conn.write_finished();
-                if written.is_err() {
-                    return None;
+                    match Pin::new(&mut self.ws).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => return Poll::Ready(None),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                    self.conn.write_finished();
+                    if let Some(close) = close.take() {
+                        return Poll::Ready(Some(close));
+                    }
+                    self.state = PumpState::Idle;
                 }
-                if let Some(close) = batch.close {
-                    return Some(close);
+                PumpState::ClosingReply => {
+                    // Bounded like any write: the sweeper aborts a stuck one.
+                    if self.conn.queue.poll_aborted(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    let _ = ready!(Pin::new(&mut self.ws).poll_flush(cx));
+                    self.conn.write_finished();
+                    return Poll::Ready(None);
+                }
+                PumpState::Idle => {
+                    // Backpressure comes from this order: a request is read only when everything
+                    // queued for this connection has been written to its socket. A publisher in a
+                    // busy room (it receives its room's messages too) is thereby held to the pace at
+                    // which it can take the room's traffic, through TCP flow control.
+                    if self.conn.queue.poll_ready(cx).is_ready() {
+                        let batch = self.conn.queue.take();
+                        if batch.aborted {
+                            return Poll::Ready(batch.close);
+                        }
+                        self.conn.write_started(self.node.clock.now_ms());
+                        self.state = PumpState::Writing {
+                            frames: batch.frames,
+                            close: batch.close,
+                        };
+                        continue;
+                    }
+                    let message = match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+                        None => return Poll::Ready(None),
+                        Some(Err(e)) => return Poll::Ready(close_for_read_error(&e)),
+                        Some(Ok(message)) => message,
+                    };
+                    self.conn.touch(self.node.clock.now_ms());
+                    match message {
+                        Message::Text(text) => self.receive(text),
+                        Message::Binary(_) => match self.protocol {
+                            Protocol::Native => self.node.send_error(
+                                self.conn,
+                                ErrorCode::BadRequest,
+                                "binary frames are not supported; send JSON text",
+                                None,
+                            ),
+                            Protocol::Seed { .. } => self.node.send_seed_error(
+                                self.conn,
+                                ErrorCode::InvalidMessageFormat,
+                                "binary frames are not supported; send JSON text",
+                            ),
+                        },
+                        Message::Close(_) => {
+                            // tungstenite queued the close reply; send it before dropping the socket.
+                            self.conn.write_started(self.node.clock.now_ms());
+                            self.state = PumpState::ClosingReply;
+                        }
+                        _ => {}
+                    }
                 }
             }
-            // Backpressure comes from the order of these branches: a request is read only when
-            // everything queued for this connection has been written to its socket. A publisher in
-            // a busy room (it receives its room's messages too) is thereby held to the pace at which
-            // it can take the room's traffic, through TCP flow control.
-            msg = ws.next() => {
-                let text = match msg {
-                    None => return None,
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the close reply; send it before dropping the socket.
-                        let _ = Box::pin(tokio::time::timeout(write_timeout, ws.flush())).await;
-                        return None;
-                    }
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Binary(_))) => {
-                        conn.touch(node.clock.now_ms());
-                        match protocol {
-                            Protocol::Native => node.send_error(conn, ErrorCode::BadRequest, "binary frames are not supported; send JSON text", None),
-                            Protocol::Seed { .. } => node.send_seed_error(conn, ErrorCode::InvalidMessageFormat, "binary frames are not supported; send JSON text"),
-                        }
-                        continue;
-                    }
-                    Some(Ok(_)) => {
-                        conn.touch(node.clock.now_ms());
-                        continue;
-                    }
-                    Some(Err(e)) => return close_for_read_error(&e),
-                };
-                conn.touch(node.clock.now_ms());
-                node.metrics.message_size.observe(text.len() as f64);
-                match protocol {
-                    Protocol::Native => match decode_client_frame(&text) {
-                        Ok(frame) => Box::pin(node.handle(conn, frame)).await,
-                        Err(e) => node.reject(conn, e),
-                    },
-                    Protocol::Seed { room, .. } => Box::pin(node.handle_seed(conn, room, &text)).await,
-                }
+        }
+    }
+
+    /// Starts handling one text frame.
+    fn receive(&mut self, text: Utf8Bytes) {
+        let (node, conn) = (self.node, self.conn);
+        node.metrics.message_size.observe(text.len() as f64);
+        match self.protocol {
+            Protocol::Native => match decode_client_frame(&text) {
+                Ok(frame) => self.state = PumpState::Handling(Box::pin(node.handle(conn, frame))),
+                Err(e) => node.reject(conn, e),
+            },
+            Protocol::Seed { room, .. } => {
+                self.state =
+                    PumpState::Handling(Box::pin(async move { node.handle_seed(conn, room, &text).await }));
             }
         }
     }
