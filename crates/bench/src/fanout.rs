@@ -449,6 +449,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
             nodes: nodes.clone(),
             node: publisher_node(index, nodes.len()),
             index: cfg.subscribers + index,
+            phase: index as f64 / cfg.publishers.max(1) as f64,
             session,
             room_names: rooms.iter().map(|&k| room_names[k].clone()).collect(),
             rooms,
@@ -947,6 +948,9 @@ struct Publisher {
     /// Which of the nodes this publisher connects to.
     node: usize,
     index: usize,
+    /// Offset of this publisher's first send, as a fraction of its interval: fixed-rate publishers
+    /// are spread evenly over the interval instead of all sending on the same instant.
+    phase: f64,
     session: String,
     rooms: Vec<usize>,
     room_names: Vec<String>,
@@ -1029,7 +1033,10 @@ impl Publisher {
             PublishRate::PerSecond(rate) => Some(Duration::from_secs_f64(1.0 / rate)),
             PublishRate::Max => None,
         };
-        let mut next_send = started;
+        let mut next_send = match interval {
+            Some(interval) => started + interval.mul_f64(self.phase),
+            None => started,
+        };
         let mut next_reference: u64 = 100;
         let mut next_room = 0;
         let mut frame = Vec::with_capacity(self.payload + 128);
