@@ -389,6 +389,9 @@ async fn finish(
     }
 }
 
+/// Local members from which a publish makes its publisher yield its turn (see `PumpState::Handling`).
+const BIG_ROOM: usize = 256;
+
 /// The steady state of a connection, written as a plain state machine rather than an `async`
 /// loop over `select!`: an idle connection then costs its socket and a few words, instead of the
 /// stored futures of every branch.
@@ -408,8 +411,8 @@ enum PumpState<'a> {
         frames: std::collections::VecDeque<(Outbound, u64)>,
         close: Option<CloseReason>,
     },
-    /// Handling one client request (it may wait on the backend).
-    Handling(Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
+    /// Handling one client request (it may wait on the backend); then yield the turn if asked.
+    Handling(Pin<Box<dyn Future<Output = ()> + Send + 'a>>, bool),
     /// The client closed; our close reply is being flushed.
     ClosingReply,
 }
@@ -418,9 +421,17 @@ impl Pump<'_> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<CloseReason>> {
         loop {
             match &mut self.state {
-                PumpState::Handling(request) => {
+                PumpState::Handling(request, yield_after) => {
                     ready!(request.as_mut().poll(cx));
+                    let yield_after = *yield_after;
                     self.state = PumpState::Idle;
+                    if yield_after {
+                        // This publish queued a frame for every member of a big room: let their
+                        // writers run before this client's next request, so a fast publisher cannot
+                        // push a room's members over their queue limits between two of their turns.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 }
                 PumpState::Writing { frames, close } => {
                     // No timer per write: the sweeper aborts the queue (4008) when a write stays
@@ -521,12 +532,16 @@ impl Pump<'_> {
         node.metrics.message_size.observe(text.len() as f64);
         match self.protocol {
             Protocol::Native => match decode_client_frame(&text) {
-                Ok(frame) => self.state = PumpState::Handling(Box::pin(node.handle(conn, frame))),
+                Ok(frame) => {
+                    let big_room = matches!(&frame.body, ClientBody::Publish { room, .. } if node.hub.member_count(room) >= BIG_ROOM);
+                    self.state = PumpState::Handling(Box::pin(node.handle(conn, frame)), big_room);
+                }
                 Err(e) => node.reject(conn, e),
             },
             Protocol::Seed { room, .. } => {
-                self.state =
-                    PumpState::Handling(Box::pin(async move { node.handle_seed(conn, room, &text).await }));
+                let big_room = node.hub.member_count(room) >= BIG_ROOM;
+                let request = Box::pin(async move { node.handle_seed(conn, room, &text).await });
+                self.state = PumpState::Handling(request, big_room);
             }
         }
     }
