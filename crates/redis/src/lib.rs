@@ -248,9 +248,25 @@ impl RedisBackend {
                 backend.subscriber.subscribe(&backend.keys.bus()),
             )
             .await?;
+        backend.load_scripts().await;
         tokio::spawn(backend.clone().run_resync(stop.clone()));
         tokio::spawn(backend.clone().run_presence_refresh(stop));
         Ok(backend)
+    }
+
+    /// Loads every script, so that the first calls after a (re)start do not each find the script
+    /// missing and load it themselves. Best effort: a call still loads a missing script on its own.
+    async fn load_scripts(&self) {
+        for script in scripts::all() {
+            let invocation = script.prepare_invoke();
+            let loaded = match &self.commands {
+                Commands::Standalone(c) => invocation.load_async(&mut c.clone()).await,
+                Commands::Cluster(c) => invocation.load_async(&mut c.clone()).await,
+            };
+            if let Err(e) = loaded {
+                tracing::debug!(error = %e, "script not preloaded");
+            }
+        }
     }
 
     /// The three backend roles served by this backend.

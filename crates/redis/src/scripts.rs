@@ -275,3 +275,18 @@ return 1
 "#,
     )
 });
+
+/// Every script, for loading them all when connecting.
+pub fn all() -> [&'static Script; 9] {
+    [
+        &PUBLISH,
+        &READ,
+        &SEND_DIRECT,
+        &PRESENCE_ADD,
+        &PRESENCE_REMOVE,
+        &PRESENCE_LIST,
+        &SESSION_VALIDATE,
+        &SESSION_SET_STATUS,
+        &SESSION_DETACH,
+    ]
+}
