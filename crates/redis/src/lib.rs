@@ -518,6 +518,7 @@ impl RedisBackend {
                             rooms = rooms.len(),
                             "redis subscriber back; checking rooms for gaps"
                         );
+                        self.load_scripts().await;
                         for room in rooms {
                             self.fill(&room).await;
                         }
