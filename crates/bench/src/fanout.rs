@@ -10,24 +10,36 @@
 //! subscribers on every node, and publishers round-robin over the nodes; sessions are created on
 //! every node in turn and used on any; the rooms' offsets are read from any node. The report then
 //! has deliveries, losses and latency per node as well.
+//!
+//! More subscribers than one process may open go to worker processes ([`crate::worker`]): each
+//! connects its share, the parent runs the publishers, then sends every worker the rooms' final
+//! offsets and merges what they received (counts per room and node, latency histogram buckets).
+//! Timestamps are `CLOCK_MONOTONIC`, one clock for all of the load generator's processes.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use serde::Serialize;
+use anyhow::{Context, anyhow, bail};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::histogram::{Histogram, Percentiles};
+use crate::plot::LatencyPlot;
 use crate::procfs::{self, now_ns};
+use crate::progress::{self, Counters, Progress};
 use crate::scan::{self, FrameKind, SENT_NS_KEY};
 use crate::session::{ConnectSpec, connect_and_join, create_sessions, room_offset};
 use crate::target::{Nodes, check_open_files};
+use crate::worker::{
+    ParentCommand, STARTUP_ALLOWANCE, WorkerIo, WorkerOptions, WorkerPool, WorkerTask, split_range,
+    split_sources,
+};
 use crate::ws::{Incoming, WsConnection};
 
 /// How fast each publisher publishes.
@@ -126,6 +138,8 @@ pub struct FanoutConfig {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+    #[command(flatten)]
+    pub workers: WorkerOptions,
 }
 
 impl FanoutConfig {
@@ -153,6 +167,7 @@ impl FanoutConfig {
             drain_timeout: 10.0,
             connect_timeout: 10.0,
             allow_remote: false,
+            workers: WorkerOptions::default(),
         }
     }
 }
@@ -212,6 +227,8 @@ pub struct FanoutReport {
     pub window: usize,
     pub payload_bytes: usize,
     pub duration_secs: f64,
+    /// Worker processes that held the subscribers (0: this process held them).
+    pub worker_processes: usize,
     /// Publications stored in the rooms (the rooms' final offsets, read over the HTTP API).
     pub publications: u64,
     /// Publish frames written.
@@ -251,6 +268,28 @@ pub struct FanoutReport {
     pub nodes: Vec<NodeReport>,
     /// Close codes (or errors) of dropped subscribers and failed connections, a few of each.
     pub failure_samples: Vec<String>,
+    /// The delivery latencies themselves, for `--plot`.
+    #[serde(skip)]
+    pub latency_histogram: Histogram,
+    /// The publish → ack latencies themselves, for `--plot`.
+    #[serde(skip)]
+    pub ack_latency_histogram: Histogram,
+}
+
+impl LatencyPlot for FanoutReport {
+    fn plot_title(&self) -> String {
+        format!(
+            "fanout: delivery latency, {} subscribers in {} room(s), {:.0} deliveries/s",
+            self.subscribers_connected, self.rooms, self.deliveries_per_sec
+        )
+    }
+
+    fn plot_series(&self) -> Vec<(String, &Histogram)> {
+        vec![
+            ("publish → delivery".to_string(), &self.latency_histogram),
+            ("publish → ack".to_string(), &self.ack_latency_histogram),
+        ]
+    }
 }
 
 impl std::fmt::Display for FanoutReport {
@@ -271,6 +310,13 @@ impl std::fmt::Display for FanoutReport {
             "  subscribers connected {} / dropped {}; publishers dropped {}",
             self.subscribers_connected, self.subscribers_dropped, self.publishers_dropped
         )?;
+        if self.worker_processes > 0 {
+            writeln!(
+                f,
+                "  subscribers spread over {} worker processes",
+                self.worker_processes
+            )?;
+        }
         writeln!(
             f,
             "  publications {} stored ({:.0}/s): {} sent, {} acknowledged, {} errors, {} unacknowledged",
@@ -375,11 +421,286 @@ pub fn publisher_node(publisher: usize, nodes: usize) -> usize {
     publisher % nodes.max(1)
 }
 
+/// A share of the fan-out's subscribers: all of them in this process, or one worker's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscriberShare {
+    pub urls: Vec<String>,
+    pub allow_remote: bool,
+    pub sources: Vec<IpAddr>,
+    pub room_names: Vec<String>,
+    pub sessions: Vec<String>,
+    /// Global index of the share's first subscriber (it picks the room, node, session and source).
+    pub first_index: usize,
+    pub count: usize,
+    /// New subscriber connections per second of this share.
+    pub connect_rate: f64,
+    pub read_buffer: usize,
+    pub connect_timeout: f64,
+}
+
+/// A share's subscribers, connected and joined.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscribersReady {
+    pub connected: usize,
+    pub failure_samples: Vec<String>,
+}
+
+/// Deliveries to a share's subscribers in one room.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoomTally {
+    pub subscribers: usize,
+    pub deliveries: u64,
+    pub lost: u64,
+    pub out_of_order: u64,
+}
+
+/// Deliveries to a share's subscribers on one node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeTally {
+    pub subscribers: usize,
+    pub dropped: usize,
+    pub deliveries: u64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    pub latency: Histogram,
+}
+
+/// What a share's subscribers received, per room and per node (node tallies carry the latency
+/// histograms: the share's latency is their merge).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SubscribersFinished {
+    pub rooms: Vec<RoomTally>,
+    pub nodes: Vec<NodeTally>,
+    /// `now_ns` of the last delivery (0: none).
+    pub last_delivery_ns: u64,
+    pub failure_samples: Vec<String>,
+    /// CPU of the share's process from the subscribers' setup to their end.
+    pub bench_cpu_secs: f64,
+}
+
+impl SubscribersFinished {
+    fn merge(&mut self, other: &SubscribersFinished) {
+        if self.rooms.len() < other.rooms.len() {
+            self.rooms.resize(other.rooms.len(), RoomTally::default());
+        }
+        for (mine, theirs) in self.rooms.iter_mut().zip(&other.rooms) {
+            mine.subscribers += theirs.subscribers;
+            mine.deliveries += theirs.deliveries;
+            mine.lost += theirs.lost;
+            mine.out_of_order += theirs.out_of_order;
+        }
+        if self.nodes.len() < other.nodes.len() {
+            self.nodes.resize(other.nodes.len(), NodeTally::default());
+        }
+        for (mine, theirs) in self.nodes.iter_mut().zip(&other.nodes) {
+            mine.subscribers += theirs.subscribers;
+            mine.dropped += theirs.dropped;
+            mine.deliveries += theirs.deliveries;
+            mine.lost += theirs.lost;
+            mine.out_of_order += theirs.out_of_order;
+            mine.latency.merge(&theirs.latency);
+        }
+        self.last_delivery_ns = self.last_delivery_ns.max(other.last_delivery_ns);
+        for sample in &other.failure_samples {
+            if self.failure_samples.len() < MAX_FAILURE_SAMPLES {
+                self.failure_samples.push(sample.clone());
+            }
+        }
+        self.bench_cpu_secs += other.bench_cpu_secs;
+    }
+}
+
+/// A share's subscriber tasks, joined and receiving until told the final offsets.
+struct SubscriberGroup {
+    tasks: JoinSet<Option<SubscriberReport>>,
+    finals: watch::Sender<Option<Finals>>,
+    rooms: usize,
+    nodes: usize,
+    cpu_before: f64,
+}
+
+impl SubscriberGroup {
+    /// Connects and joins the share's subscribers at its connect rate; returns once each joined or
+    /// failed (bounded by the connect timeout).
+    async fn connect(
+        share: SubscriberShare,
+        counters: Arc<Counters>,
+    ) -> anyhow::Result<(SubscriberGroup, SubscribersReady)> {
+        check_open_files(share.count)?;
+        let cpu_before = procfs::own_cpu_secs()?;
+        if share.sessions.is_empty() || share.room_names.is_empty() {
+            bail!("a subscriber share needs at least one session and one room");
+        }
+        let nodes = Arc::new(
+            Nodes::resolve(&share.urls, share.allow_remote, 1)
+                .await?
+                .with_sources(&share.sources),
+        );
+        let rooms = share.room_names.len();
+        let (finals_tx, finals_rx) = watch::channel::<Option<Finals>>(None);
+        let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(share.count.max(1));
+        let mut tasks = JoinSet::new();
+        let interval = crate::interval_of(share.connect_rate);
+        let connect_timeout = Duration::from_secs_f64(share.connect_timeout);
+        let setup_started = Instant::now();
+        for local in 0..share.count {
+            tokio::time::sleep_until(setup_started + interval.mul_f64(local as f64)).await;
+            let index = share.first_index + local;
+            let room = index % rooms;
+            let subscriber = Subscriber {
+                nodes: nodes.clone(),
+                node: subscriber_node(index, rooms, nodes.len()),
+                index,
+                session: share.sessions[index % share.sessions.len()].clone(),
+                room,
+                room_name: share.room_names[room].clone(),
+                read_buffer: share.read_buffer,
+                timeout: connect_timeout,
+                ready: ready_tx.clone(),
+                finals: finals_rx.clone(),
+                counters: counters.clone(),
+            };
+            tasks.spawn(subscriber.run());
+        }
+        drop(ready_tx);
+        let mut ready = SubscribersReady {
+            connected: 0,
+            failure_samples: Vec::new(),
+        };
+        let mut answered = 0;
+        let ready_deadline = Instant::now() + connect_timeout + Duration::from_secs(5);
+        while answered < share.count {
+            match tokio::time::timeout_at(ready_deadline, ready_rx.recv()).await {
+                Ok(Some(Ok(()))) => {
+                    ready.connected += 1;
+                    answered += 1;
+                }
+                Ok(Some(Err(message))) => {
+                    answered += 1;
+                    if ready.failure_samples.len() < MAX_FAILURE_SAMPLES {
+                        ready.failure_samples.push(format!("subscriber: {message}"));
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let group = SubscriberGroup {
+            tasks,
+            finals: finals_tx,
+            rooms,
+            nodes: nodes.len(),
+            cpu_before,
+        };
+        Ok((group, ready))
+    }
+
+    /// Tells the subscribers the rooms' final offsets, waits until each received them (or gave up
+    /// at the drain deadline), and adds up what they received.
+    async fn finish(mut self, top_offsets: Vec<u64>, drain: Duration) -> anyhow::Result<SubscribersFinished> {
+        if top_offsets.len() != self.rooms {
+            bail!("{} final offsets for {} rooms", top_offsets.len(), self.rooms);
+        }
+        let drain_deadline = Instant::now() + drain;
+        let _ = self.finals.send(Some(Finals {
+            top_offsets: Arc::new(top_offsets),
+            deadline: drain_deadline,
+        }));
+        let subscribers_done = tokio::time::timeout_at(drain_deadline + Duration::from_secs(5), async {
+            let mut reports = Vec::new();
+            while let Some(joined) = self.tasks.join_next().await {
+                reports.push(joined);
+            }
+            reports
+        })
+        .await;
+        let reports = match subscribers_done {
+            Ok(reports) => reports,
+            Err(_) => {
+                self.tasks.abort_all();
+                bail!("subscribers did not finish within the drain timeout");
+            }
+        };
+        let mut finished = SubscribersFinished {
+            rooms: vec![RoomTally::default(); self.rooms],
+            nodes: vec![NodeTally::default(); self.nodes],
+            ..SubscribersFinished::default()
+        };
+        for joined in reports {
+            let report = match joined {
+                Ok(report) => report,
+                Err(e) => {
+                    if finished.failure_samples.len() < MAX_FAILURE_SAMPLES {
+                        finished.failure_samples.push(format!("subscriber task: {e}"));
+                    }
+                    continue;
+                }
+            };
+            let Some(report) = report else { continue };
+            let room = &mut finished.rooms[report.room];
+            room.subscribers += 1;
+            room.deliveries += report.deliveries;
+            room.lost += report.lost;
+            room.out_of_order += report.out_of_order;
+            let node = &mut finished.nodes[report.node];
+            node.subscribers += 1;
+            node.deliveries += report.deliveries;
+            node.lost += report.lost;
+            node.out_of_order += report.out_of_order;
+            node.latency.merge(&report.latency);
+            if report.deliveries > 0 {
+                finished.last_delivery_ns = finished.last_delivery_ns.max(report.last_delivery_ns);
+            }
+            if let Some(ended) = report.ended_early {
+                node.dropped += 1;
+                if finished.failure_samples.len() < MAX_FAILURE_SAMPLES {
+                    finished
+                        .failure_samples
+                        .push(format!("subscriber dropped: {ended}"));
+                }
+            }
+        }
+        finished.bench_cpu_secs = procfs::own_cpu_secs()? - self.cpu_before;
+        Ok(finished)
+    }
+}
+
+/// A worker's side of the fan-out: connect its subscribers, report, receive until the final
+/// offsets arrive and are received (or the drain time is over), report.
+pub(crate) async fn serve_worker(
+    share: SubscriberShare,
+    io: &mut WorkerIo,
+    counters: Arc<Counters>,
+) -> anyhow::Result<()> {
+    let (group, ready) = SubscriberGroup::connect(share, counters).await?;
+    io.send_phase("ready", &ready)?;
+    let (top_offsets, drain_secs) = match io.command().await? {
+        ParentCommand::Finals {
+            top_offsets,
+            drain_secs,
+        } => (top_offsets, drain_secs),
+        other => bail!("expected the final offsets, got {other:?}"),
+    };
+    if !drain_secs.is_finite() || drain_secs < 0.0 {
+        bail!("invalid drain time {drain_secs}");
+    }
+    let finished = group
+        .finish(top_offsets, Duration::from_secs_f64(drain_secs))
+        .await?;
+    io.send_phase("finished", &finished)
+}
+
+/// The subscribers in this process, or the worker processes that hold them.
+enum Subscribers {
+    Here(SubscriberGroup),
+    Workers(WorkerPool),
+}
+
 /// Runs the `fanout` scenario to completion (it stops by itself).
 pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
-    procfs::now_ns();
     validate(&cfg)?;
-    check_open_files(cfg.subscribers + cfg.publishers)?;
+    // Publishers always stay in this process; subscribers go to workers when there are too many.
+    let processes = cfg.workers.processes_for(cfg.subscribers)?;
+    check_open_files(cfg.publishers + if processes == 1 { cfg.subscribers } else { 0 })?;
     let nodes = Arc::new(Nodes::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?);
     let run_id = crate::run_id();
     let room_names: Arc<Vec<String>> =
@@ -389,55 +710,70 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     let publisher_sessions = create_sessions(&nodes, &format!("bench-pub-{run_id}"), cfg.publishers).await?;
     let connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
     let mut failure_samples = Vec::new();
+    let progress = Progress::start("fanout: subscribing", "deliveries");
 
-    // Subscribers: connect and join at the connect rate, then wait for the final offsets.
-    let (finals_tx, finals_rx) = watch::channel::<Option<Finals>>(None);
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(cfg.subscribers);
-    let mut subscriber_tasks = JoinSet::new();
-    let interval = Duration::from_secs_f64(1.0 / cfg.connect_rate);
-    let setup_started = Instant::now();
-    for index in 0..cfg.subscribers {
-        tokio::time::sleep_until(setup_started + interval.mul_f64(index as f64)).await;
-        let room = index % cfg.rooms;
-        let subscriber = Subscriber {
-            nodes: nodes.clone(),
-            node: subscriber_node(index, cfg.rooms, nodes.len()),
-            index,
-            session: subscriber_sessions[index % subscriber_sessions.len()].clone(),
-            room,
-            room_name: room_names[room].clone(),
+    // Subscribers: connect and join at the connect rate, here or in worker processes.
+    let shares: Vec<SubscriberShare> = split_range(0, cfg.subscribers, processes)
+        .into_iter()
+        .zip(split_sources(nodes.sources(), processes))
+        .map(|((first_index, count), sources)| SubscriberShare {
+            urls: cfg.url.clone(),
+            allow_remote: cfg.allow_remote,
+            sources,
+            room_names: room_names.to_vec(),
+            sessions: subscriber_sessions.clone(),
+            first_index,
+            count,
+            connect_rate: cfg.connect_rate * count as f64 / cfg.subscribers as f64,
             read_buffer: cfg.read_buffer,
-            timeout: connect_timeout,
-            ready: ready_tx.clone(),
-            finals: finals_rx.clone(),
-        };
-        subscriber_tasks.spawn(subscriber.run());
-    }
-    drop(ready_tx);
+            connect_timeout: cfg.connect_timeout,
+        })
+        .collect();
+    let setup_allowance =
+        Duration::from_secs_f64(cfg.subscribers as f64 / cfg.connect_rate + cfg.connect_timeout)
+            + Duration::from_secs(5)
+            + STARTUP_ALLOWANCE;
+    let setup_started = Instant::now();
+    let (subscribers, ready) = if processes == 1 {
+        let share = shares
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no subscriber share to run"))?;
+        let (group, ready) = SubscriberGroup::connect(share, progress.counters()).await?;
+        (Subscribers::Here(group), vec![ready])
+    } else {
+        let tasks = shares.into_iter().map(WorkerTask::FanoutSubscribers).collect();
+        // Setup, publishers' setup, publishing, both drains, and room to spare.
+        let deadline = setup_allowance
+            + connect_timeout * 2
+            + Duration::from_secs_f64(cfg.duration + 2.0 * cfg.drain_timeout)
+            + Duration::from_secs(60);
+        let mut pool = WorkerPool::spawn(tasks, &cfg.workers, deadline, &progress).await?;
+        progress::detail(&format!(
+            "fanout: {} subscribers over {} worker processes (pids {:?})",
+            cfg.subscribers,
+            pool.len(),
+            pool.pids()
+        ));
+        let ready = pool.collect::<SubscribersReady>("ready", setup_allowance).await?;
+        (Subscribers::Workers(pool), ready)
+    };
     let mut subscribers_connected = 0;
-    let mut subscribers_answered = 0;
-    let ready_deadline = Instant::now() + connect_timeout + Duration::from_secs(5);
-    while subscribers_answered < cfg.subscribers {
-        match tokio::time::timeout_at(ready_deadline, ready_rx.recv()).await {
-            Ok(Some(Ok(()))) => {
-                subscribers_connected += 1;
-                subscribers_answered += 1;
+    for share in ready {
+        subscribers_connected += share.connected;
+        for sample in share.failure_samples {
+            if failure_samples.len() < MAX_FAILURE_SAMPLES {
+                failure_samples.push(sample);
             }
-            Ok(Some(Err(message))) => {
-                subscribers_answered += 1;
-                if failure_samples.len() < MAX_FAILURE_SAMPLES {
-                    failure_samples.push(format!("subscriber: {message}"));
-                }
-            }
-            Ok(None) | Err(_) => break,
         }
     }
-    eprintln!(
+    progress::note(&format!(
         "fanout: {subscribers_connected} of {} subscribers joined in {:.1} s; starting {} publisher(s)",
         cfg.subscribers,
         setup_started.elapsed().as_secs_f64(),
         cfg.publishers
-    );
+    ));
+    progress.phase("fanout: publishing");
 
     // Publishers: connect and join, then start together.
     let (start_tx, start_rx) = watch::channel::<Option<Instant>>(None);
@@ -538,31 +874,36 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         per_room[room].publications = top.saturating_sub(base_offsets[room]);
         top_offsets.push(top);
     }
-    let drain_deadline = Instant::now() + Duration::from_secs_f64(cfg.drain_timeout);
-    let _ = finals_tx.send(Some(Finals {
-        top_offsets: Arc::new(top_offsets),
-        deadline: drain_deadline,
-    }));
-
-    let mut latency = Histogram::new();
-    let mut subscribers_dropped = 0;
-    let mut last_delivery_ns = publish_started_ns;
-    let subscribers_done = tokio::time::timeout_at(drain_deadline + Duration::from_secs(5), async {
-        let mut reports = Vec::new();
-        while let Some(joined) = subscriber_tasks.join_next().await {
-            reports.push(joined);
-        }
-        reports
-    })
-    .await;
-    let subscriber_reports = match subscribers_done {
-        Ok(reports) => reports,
-        Err(_) => {
-            subscriber_tasks.abort_all();
-            bail!("subscribers did not finish within the drain timeout");
+    progress.phase("fanout: draining");
+    let drain = Duration::from_secs_f64(cfg.drain_timeout);
+    let (finished, worker_processes) = match subscribers {
+        Subscribers::Here(group) => (group.finish(top_offsets, drain).await?, 0),
+        Subscribers::Workers(mut pool) => {
+            pool.send_all(&ParentCommand::Finals {
+                top_offsets,
+                drain_secs: cfg.drain_timeout,
+            })
+            .await?;
+            let shares = pool
+                .collect::<SubscribersFinished>("finished", drain + Duration::from_secs(15))
+                .await?;
+            let workers = pool.len();
+            pool.shutdown().await;
+            let mut merged = SubscribersFinished::default();
+            for share in &shares {
+                merged.merge(share);
+            }
+            (merged, workers)
         }
     };
-    let cpu_secs = procfs::own_cpu_secs()? - cpu_before;
+    let parent_cpu = procfs::own_cpu_secs()? - cpu_before;
+    // In one process the subscribers' CPU is part of this process's; workers add theirs.
+    let cpu_secs = if worker_processes > 0 {
+        parent_cpu + finished.bench_cpu_secs
+    } else {
+        parent_cpu
+    };
+    drop(progress);
     let server_cpu_after = servers_cpu_secs(&cfg.server_pid)?;
     let mut servers = Vec::with_capacity(cfg.server_pid.len());
     for ((&pid, before), after) in cfg
@@ -587,51 +928,37 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
             ..NodeReport::default()
         })
         .collect();
-    let mut node_latency: Vec<Histogram> = (0..nodes.len()).map(|_| Histogram::new()).collect();
     for publisher in 0..cfg.publishers {
         node_reports[publisher_node(publisher, nodes.len())].publishers += 1;
     }
-    for joined in subscriber_reports {
-        let report = match joined {
-            Ok(report) => report,
-            Err(e) => {
-                failure_samples.push(format!("subscriber task: {e}"));
-                continue;
-            }
-        };
-        let Some(report) = report else { continue };
-        let room = &mut per_room[report.room];
-        room.subscribers += 1;
-        room.deliveries += report.deliveries;
-        room.lost += report.lost;
-        room.out_of_order += report.out_of_order;
-        let node = &mut node_reports[report.node];
-        node.subscribers += 1;
-        node.deliveries += report.deliveries;
-        node.lost += report.lost;
-        node.out_of_order += report.out_of_order;
-        node_latency[report.node].merge(&report.latency);
-        latency.merge(&report.latency);
-        if report.deliveries > 0 {
-            last_delivery_ns = last_delivery_ns.max(report.last_delivery_ns);
-        }
-        if let Some(ended) = report.ended_early {
-            subscribers_dropped += 1;
-            node.subscribers_dropped += 1;
-            if failure_samples.len() < MAX_FAILURE_SAMPLES {
-                failure_samples.push(format!("subscriber dropped: {ended}"));
-            }
-        }
+    let mut latency = Histogram::new();
+    let mut subscribers_dropped = 0;
+    for (report, tally) in node_reports.iter_mut().zip(&finished.nodes) {
+        report.subscribers = tally.subscribers;
+        report.subscribers_dropped = tally.dropped;
+        report.deliveries = tally.deliveries;
+        report.lost = tally.lost;
+        report.out_of_order = tally.out_of_order;
+        report.latency = tally.latency.percentiles();
+        latency.merge(&tally.latency);
+        subscribers_dropped += tally.dropped;
     }
-    for room in &mut per_room {
+    for (room, tally) in per_room.iter_mut().zip(&finished.rooms) {
+        room.subscribers = tally.subscribers;
+        room.deliveries = tally.deliveries;
+        room.lost = tally.lost;
+        room.out_of_order = tally.out_of_order;
         room.expected_deliveries = room.publications * room.subscribers as u64;
     }
-    for (node, histogram) in node_reports.iter_mut().zip(&node_latency) {
-        node.latency = histogram.percentiles();
+    for sample in &finished.failure_samples {
+        if failure_samples.len() < MAX_FAILURE_SAMPLES {
+            failure_samples.push(sample.clone());
+        }
     }
     if acknowledged == 0 && publishers_dropped == cfg.publishers {
         bail!("every publisher failed: {}", failure_samples.join("; "));
     }
+    let last_delivery_ns = finished.last_delivery_ns.max(publish_started_ns);
     let publications: u64 = per_room.iter().map(|r| r.publications).sum();
     let deliveries: u64 = per_room.iter().map(|r| r.deliveries).sum();
     let delivery_secs = (last_delivery_ns.saturating_sub(publish_started_ns)) as f64 / 1e9;
@@ -653,6 +980,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         window: cfg.window,
         payload_bytes: cfg.payload,
         duration_secs: cfg.duration,
+        worker_processes,
         publications,
         sent,
         acknowledged,
@@ -685,6 +1013,8 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         servers,
         nodes: node_reports,
         failure_samples,
+        latency_histogram: latency,
+        ack_latency_histogram: ack_latency,
     })
 }
 
@@ -764,6 +1094,7 @@ struct Subscriber {
     timeout: Duration,
     ready: mpsc::Sender<Result<(), String>>,
     finals: watch::Receiver<Option<Finals>>,
+    counters: Arc<Counters>,
 }
 
 impl Subscriber {
@@ -781,15 +1112,21 @@ impl Subscriber {
         let joined = match connect_and_join(spec).await {
             Ok(joined) => joined,
             Err(e) => {
+                self.counters.failed();
                 let _ = self.ready.send(Err(format!("{e:#}"))).await;
                 return None;
             }
         };
         let _ = self.ready.send(Ok(())).await;
         drop(self.ready);
+        let open = self.counters.established();
         let mut ws = joined.ws;
         let mut check = DeliveryCheck::new(joined.offset);
-        let ended_early = check.receive(&mut ws, &mut self.finals, self.room).await.err();
+        let ended_early = check
+            .receive(&mut ws, &mut self.finals, self.room, &self.counters)
+            .await
+            .err();
+        drop(open);
         if ended_early.is_none() {
             ws.close(Duration::from_secs(1)).await;
         }
@@ -859,10 +1196,12 @@ impl DeliveryCheck {
         ws: &mut WsConnection,
         finals: &mut watch::Receiver<Option<Finals>>,
         room: usize,
+        counters: &Counters,
     ) -> anyhow::Result<()> {
         let mut target: Option<(u64, Instant)> = None;
         loop {
             let received_ns = now_ns();
+            let deliveries_before = self.deliveries;
             let mut closed = None;
             loop {
                 match ws.next_frame() {
@@ -884,6 +1223,7 @@ impl DeliveryCheck {
                     }
                 }
             }
+            counters.messages(self.deliveries - deliveries_before);
             if let Some(e) = closed {
                 break Err(e);
             }

@@ -1,8 +1,11 @@
 //! A fixed-size log-linear latency histogram (nanoseconds): 32 linear sub-buckets per power of two,
 //! so a recorded value is off by at most 1/32 (3.1%) of itself; the maximum is kept exactly.
 //! Recording is an index computation and an increment — no allocation on the receive path.
+//!
+//! Worker processes ship their histograms to the parent as their non-empty buckets (serde, see
+//! [`HistogramBuckets`]), never as percentiles: percentiles cannot be merged, buckets can.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Sub-buckets per power of two, as a power of two.
 const SUB_BUCKET_BITS: u32 = 5;
@@ -11,7 +14,8 @@ const SUB_BUCKETS: u64 = 1 << SUB_BUCKET_BITS;
 const MAX_EXPONENT: u32 = 40;
 const BUCKETS: usize = ((MAX_EXPONENT - SUB_BUCKET_BITS + 2) as usize) << SUB_BUCKET_BITS;
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "HistogramBuckets", try_from = "HistogramBuckets")]
 pub struct Histogram {
     counts: Box<[u64]>,
     total: u64,
@@ -24,6 +28,59 @@ impl std::fmt::Debug for Histogram {
             .field("total", &self.total)
             .field("max", &self.max)
             .finish_non_exhaustive()
+    }
+}
+
+/// The serialised form of a [`Histogram`]: its layout and its non-empty buckets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistogramBuckets {
+    /// Must equal this build's sub-bucket bits (the same binary on both sides).
+    pub sub_bucket_bits: u32,
+    pub max_exponent: u32,
+    /// `(bucket index, count)` of every non-empty bucket.
+    pub buckets: Vec<(u32, u64)>,
+    /// The largest value recorded, exactly.
+    pub max: u64,
+}
+
+impl From<Histogram> for HistogramBuckets {
+    fn from(histogram: Histogram) -> Self {
+        HistogramBuckets {
+            sub_bucket_bits: SUB_BUCKET_BITS,
+            max_exponent: MAX_EXPONENT,
+            buckets: histogram
+                .counts
+                .iter()
+                .enumerate()
+                .filter(|(_, count)| **count > 0)
+                .map(|(index, count)| (index as u32, *count))
+                .collect(),
+            max: histogram.max,
+        }
+    }
+}
+
+impl TryFrom<HistogramBuckets> for Histogram {
+    type Error = String;
+
+    fn try_from(wire: HistogramBuckets) -> Result<Self, Self::Error> {
+        if wire.sub_bucket_bits != SUB_BUCKET_BITS || wire.max_exponent != MAX_EXPONENT {
+            return Err(format!(
+                "histogram layout {}/{} differs from this build's {SUB_BUCKET_BITS}/{MAX_EXPONENT}",
+                wire.sub_bucket_bits, wire.max_exponent
+            ));
+        }
+        let mut histogram = Histogram::new();
+        for (index, count) in wire.buckets {
+            let slot = histogram
+                .counts
+                .get_mut(index as usize)
+                .ok_or_else(|| format!("histogram bucket {index} is out of range"))?;
+            *slot += count;
+            histogram.total += count;
+        }
+        histogram.max = wire.max;
+        Ok(histogram)
     }
 }
 
@@ -105,6 +162,15 @@ impl Histogram {
         self.total
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The largest value recorded, in ns.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
     /// The value at quantile `q` (0..=1), in ns; 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {
@@ -153,5 +219,42 @@ mod tests {
         let mut merged = Histogram::new();
         merged.merge(&h);
         assert_eq!(merged.count(), 100_000);
+    }
+
+    /// What the parent does with its workers' histograms: each worker records its own values and
+    /// ships its buckets as JSON; the merge of the decoded histograms equals one histogram that
+    /// recorded every value.
+    #[test]
+    fn histograms_merge_across_the_json_wire() {
+        let mut everything = Histogram::new();
+        let mut workers = [Histogram::new(), Histogram::new(), Histogram::new()];
+        for value in 0..30_000u64 {
+            let nanos = value * value % 50_000_000 + value;
+            everything.record(nanos);
+            workers[(value % 3) as usize].record(nanos);
+        }
+        workers[2].record(7_000_000_000);
+        everything.record(7_000_000_000);
+        let mut merged = Histogram::new();
+        for worker in &workers {
+            let line = serde_json::to_string(worker).unwrap();
+            let decoded: Histogram = serde_json::from_str(&line).unwrap();
+            assert_eq!(&decoded, worker);
+            merged.merge(&decoded);
+        }
+        assert_eq!(merged, everything);
+        assert_eq!(merged.count(), 30_001);
+        assert_eq!(merged.max(), 7_000_000_000);
+        assert_eq!(merged.percentiles(), everything.percentiles());
+        // Only the non-empty buckets travel.
+        let wire = HistogramBuckets::from(workers[0].clone());
+        assert!(wire.buckets.len() < BUCKETS / 2, "{} buckets", wire.buckets.len());
+        // A different layout is refused rather than misread.
+        let mut foreign = wire;
+        foreign.sub_bucket_bits += 1;
+        assert!(Histogram::try_from(foreign).is_err());
+        let empty: Histogram =
+            serde_json::from_str(&serde_json::to_string(&Histogram::new()).unwrap()).unwrap();
+        assert!(empty.is_empty());
     }
 }

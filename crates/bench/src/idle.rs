@@ -5,23 +5,34 @@
 //! Several nodes that share a backend can be loaded at once (`--url` given several times): the
 //! connections go to the nodes round-robin, and the sessions are created on every node in turn.
 //! Given every node's pid, the memory per connection is that of all of them together.
+//!
+//! More connections than one process may open are spread over worker processes ([`crate::worker`]):
+//! each ramps its share at its share of the rate and reports what it established; the parent holds,
+//! reads the servers' memory, tells the workers to stop, and merges their reports.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use serde::Serialize;
+use anyhow::{Context, anyhow, bail};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::histogram::{Histogram, Percentiles};
+use crate::plot::LatencyPlot;
 use crate::procfs;
+use crate::progress::{self, Counters, Progress};
 use crate::scan;
 use crate::session::{ConnectSpec, connect_and_join, create_sessions};
 use crate::target::{Nodes, check_open_files};
+use crate::worker::{
+    ParentCommand, STARTUP_ALLOWANCE, WorkerIo, WorkerOptions, WorkerPool, WorkerTask, split_range,
+    split_sources,
+};
 use crate::ws::{Incoming, WsConnection};
 
 /// Settings of the `idle` scenario.
@@ -62,6 +73,8 @@ pub struct IdleConfig {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+    #[command(flatten)]
+    pub workers: WorkerOptions,
 }
 
 impl IdleConfig {
@@ -84,6 +97,7 @@ impl IdleConfig {
             read_buffer: 1024,
             connect_timeout: 10.0,
             allow_remote: false,
+            workers: WorkerOptions::default(),
         }
     }
 }
@@ -106,6 +120,8 @@ pub struct IdleReport {
     pub sources: usize,
     pub sessions: usize,
     pub room: String,
+    /// Worker processes that held the connections (0: this process held them).
+    pub worker_processes: usize,
     pub ramp_secs: f64,
     pub hold_secs: f64,
     /// From the TCP connect to the `joined` reply.
@@ -118,8 +134,26 @@ pub struct IdleReport {
     pub server_rss_holding_max_kib: Option<u64>,
     /// (VmRSS at the end of the hold − VmRSS before connecting) / established connections.
     pub server_rss_per_connection_bytes: Option<f64>,
+    /// Summed over the load generator's processes.
     pub bench_rss_holding_kib: u64,
+    /// Summed over the load generator's processes.
     pub bench_cpu_secs: f64,
+    /// The connect + join latencies themselves, for `--plot`.
+    #[serde(skip)]
+    pub connect_join_histogram: Histogram,
+}
+
+impl LatencyPlot for IdleReport {
+    fn plot_title(&self) -> String {
+        format!(
+            "idle: connect + join latency of {} connections ({} established)",
+            self.connections, self.established
+        )
+    }
+
+    fn plot_series(&self) -> Vec<(String, &Histogram)> {
+        vec![("connect + join".to_string(), &self.connect_join_histogram)]
+    }
 }
 
 impl std::fmt::Display for IdleReport {
@@ -136,6 +170,9 @@ impl std::fmt::Display for IdleReport {
             self.sources,
             self.sessions
         )?;
+        if self.worker_processes > 0 {
+            writeln!(f, "  spread over {} worker processes", self.worker_processes)?;
+        }
         if self.nodes.len() > 1 {
             for (node, established) in self.nodes.iter().zip(&self.established_per_node) {
                 writeln!(f, "  node {node}: {established} established")?;
@@ -170,9 +207,181 @@ impl std::fmt::Display for IdleReport {
 /// Most distinct failure messages kept for the report.
 const MAX_FAILURE_SAMPLES: usize = 5;
 
+/// A share of the idle connections: all of them in one process, or one worker's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleShare {
+    pub urls: Vec<String>,
+    pub allow_remote: bool,
+    /// Source addresses of this share (empty: the kernel chooses).
+    pub sources: Vec<IpAddr>,
+    pub room: String,
+    pub sessions: Vec<String>,
+    /// Global index of the share's first connection (it picks the node, session and source).
+    pub first_index: usize,
+    pub count: usize,
+    /// New connections per second of this share.
+    pub rate: f64,
+    pub read_buffer: usize,
+    pub connect_timeout: f64,
+}
+
+/// A share's ramp: what it established.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleRamped {
+    pub established: usize,
+    pub established_per_node: Vec<usize>,
+    pub failed: usize,
+    pub latency: Histogram,
+    pub failure_samples: Vec<String>,
+}
+
+/// A share's end: what happened while holding.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleFinished {
+    pub dropped_while_holding: usize,
+    pub bench_rss_holding_kib: u64,
+    pub bench_cpu_secs: f64,
+}
+
+/// A share's connections, held open until [`IdlePart::finish`].
+struct IdlePart {
+    tasks: JoinSet<()>,
+    stop: CancellationToken,
+    dropped: Arc<AtomicUsize>,
+    cpu_before: f64,
+}
+
+impl IdlePart {
+    /// Opens the share's connections at its rate and waits until each connected or failed.
+    async fn ramp(share: IdleShare, counters: Arc<Counters>) -> anyhow::Result<(IdlePart, IdleRamped)> {
+        check_open_files(share.count)?;
+        let cpu_before = procfs::own_cpu_secs()?;
+        let nodes = Arc::new(
+            Nodes::resolve(&share.urls, share.allow_remote, 1)
+                .await?
+                .with_sources(&share.sources),
+        );
+        let sessions = Arc::new(share.sessions);
+        if sessions.is_empty() {
+            bail!("an idle share needs at least one session");
+        }
+        let rooms: Arc<[String]> = Arc::from(vec![share.room]);
+        let stop = CancellationToken::new();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (results_tx, mut results_rx) = mpsc::channel::<Connected>(share.count.max(1));
+        let mut tasks = JoinSet::new();
+        let connect_timeout = Duration::from_secs_f64(share.connect_timeout);
+        let ramp_started = Instant::now();
+        let interval = crate::interval_of(share.rate);
+        let mut results = Vec::with_capacity(share.count);
+        for local in 0..share.count {
+            tokio::time::sleep_until(ramp_started + interval.mul_f64(local as f64)).await;
+            while let Ok(result) = results_rx.try_recv() {
+                results.push(result);
+            }
+            let index = share.first_index + local;
+            let task = HeldConnection {
+                nodes: nodes.clone(),
+                node: index % nodes.len(),
+                index,
+                sessions: sessions.clone(),
+                rooms: rooms.clone(),
+                read_buffer: share.read_buffer,
+                timeout: connect_timeout,
+                results: results_tx.clone(),
+                stop: stop.clone(),
+                dropped: dropped.clone(),
+                counters: counters.clone(),
+            };
+            tasks.spawn(task.run());
+        }
+        drop(results_tx);
+        // Every task reports once, within its connect timeout.
+        let collect_deadline = Instant::now() + connect_timeout + Duration::from_secs(5);
+        while results.len() < share.count {
+            match tokio::time::timeout_at(collect_deadline, results_rx.recv()).await {
+                Ok(Some(result)) => results.push(result),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut ramped = IdleRamped {
+            established: 0,
+            established_per_node: vec![0; nodes.len()],
+            failed: share.count,
+            latency: Histogram::new(),
+            failure_samples: Vec::new(),
+        };
+        for (node, result) in &results {
+            match result {
+                Ok(elapsed) => {
+                    ramped.established += 1;
+                    ramped.established_per_node[*node] += 1;
+                    ramped
+                        .latency
+                        .record(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+                }
+                Err(message) => add_sample(&mut ramped.failure_samples, message),
+            }
+        }
+        ramped.failed = share.count - ramped.established;
+        let part = IdlePart {
+            tasks,
+            stop,
+            dropped,
+            cpu_before,
+        };
+        Ok((part, ramped))
+    }
+
+    /// Reads this process's RSS, then closes every connection (bounded).
+    async fn finish(mut self) -> anyhow::Result<IdleFinished> {
+        let bench_rss_holding_kib = procfs::own_rss_kib()?;
+        self.stop.cancel();
+        let wind_down = tokio::time::timeout(Duration::from_secs(15), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if wind_down.is_err() {
+            self.tasks.abort_all();
+        }
+        Ok(IdleFinished {
+            dropped_while_holding: self.dropped.load(Ordering::Relaxed),
+            bench_rss_holding_kib,
+            bench_cpu_secs: procfs::own_cpu_secs()? - self.cpu_before,
+        })
+    }
+}
+
+fn add_sample(samples: &mut Vec<String>, message: &str) {
+    if samples.len() < MAX_FAILURE_SAMPLES && !samples.iter().any(|s| s == message) {
+        samples.push(message.to_string());
+    }
+}
+
+/// A worker's side of the idle scenario: ramp, report, hold until `stop`, report.
+pub(crate) async fn serve_worker(
+    share: IdleShare,
+    io: &mut WorkerIo,
+    counters: Arc<Counters>,
+) -> anyhow::Result<()> {
+    let (part, ramped) = IdlePart::ramp(share, counters).await?;
+    io.send_phase("ramped", &ramped)?;
+    match io.command().await? {
+        ParentCommand::Stop => {}
+        other => bail!("expected stop, got {other:?}"),
+    }
+    let finished = part.finish().await?;
+    io.send_phase("finished", &finished)
+}
+
+/// The share in this process, or the worker processes that hold the shares.
+enum Running {
+    Here(IdlePart),
+    Workers(WorkerPool),
+}
+
 /// Runs the `idle` scenario to completion (it stops by itself).
 pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
-    procfs::now_ns();
     if cfg.connections == 0 {
         bail!("--connections must be at least 1");
     }
@@ -182,90 +391,93 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
     if !cfg.hold.is_finite() || cfg.hold < 0.0 || cfg.hold > 86_400.0 {
         bail!("--hold must be between 0 and 86400 seconds");
     }
-    if !cfg.connect_timeout.is_finite() || cfg.connect_timeout <= 0.0 {
-        bail!("--connect-timeout must be positive");
+    if !cfg.connect_timeout.is_finite() || cfg.connect_timeout <= 0.0 || cfg.connect_timeout > 600.0 {
+        bail!("--connect-timeout must be positive (at most 600 seconds)");
     }
-    check_open_files(cfg.connections)?;
+    let processes = cfg.workers.processes_for(cfg.connections)?;
+    if processes == 1 {
+        check_open_files(cfg.connections)?;
+    }
     let nodes = Nodes::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?;
     let run_id = crate::run_id();
     let room = cfg.room.clone().unwrap_or_else(|| format!("bench-idle-{run_id}"));
     let session_count = cfg.sessions.clamp(1, cfg.connections);
-    let sessions = Arc::new(create_sessions(&nodes, &format!("bench-idle-{run_id}"), session_count).await?);
+    let sessions = create_sessions(&nodes, &format!("bench-idle-{run_id}"), session_count).await?;
     let rss_before = servers_rss_kib(&cfg.server_pid)?;
     let cpu_before = procfs::own_cpu_secs()?;
+    let progress = Progress::start("idle: ramping", "messages");
 
-    let nodes = Arc::new(nodes);
-    let rooms: Arc<[String]> = Arc::from(vec![room.clone()]);
-    let stop = CancellationToken::new();
-    let dropped = Arc::new(AtomicUsize::new(0));
-    let (results_tx, mut results_rx) = mpsc::channel::<Connected>(cfg.connections);
-    let mut tasks = JoinSet::new();
-    let connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
-    let ramp_started = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / cfg.rate);
-    let mut results = Vec::with_capacity(cfg.connections);
-    for index in 0..cfg.connections {
-        tokio::time::sleep_until(ramp_started + interval.mul_f64(index as f64)).await;
-        while let Ok(result) = results_rx.try_recv() {
-            results.push(result);
-        }
-        let task = HeldConnection {
-            nodes: nodes.clone(),
-            node: index % nodes.len(),
-            index,
+    let shares: Vec<IdleShare> = split_range(0, cfg.connections, processes)
+        .into_iter()
+        .zip(split_sources(nodes.sources(), processes))
+        .map(|((first_index, count), sources)| IdleShare {
+            urls: cfg.url.clone(),
+            allow_remote: cfg.allow_remote,
+            sources,
+            room: room.clone(),
             sessions: sessions.clone(),
-            rooms: rooms.clone(),
+            first_index,
+            count,
+            rate: cfg.rate * count as f64 / cfg.connections as f64,
             read_buffer: cfg.read_buffer,
-            timeout: connect_timeout,
-            results: results_tx.clone(),
-            stop: stop.clone(),
-            dropped: dropped.clone(),
-        };
-        tasks.spawn(task.run());
-        if index > 0 && index % 5000 == 0 {
-            eprintln!("idle: {index} connections started");
-        }
-    }
-    drop(results_tx);
-    // Every task reports once, within its connect timeout.
-    let collect_deadline = Instant::now() + connect_timeout + Duration::from_secs(5);
-    while results.len() < cfg.connections {
-        match tokio::time::timeout_at(collect_deadline, results_rx.recv()).await {
-            Ok(Some(result)) => results.push(result),
-            Ok(None) => break,
-            Err(_) => break,
-        }
-    }
+            connect_timeout: cfg.connect_timeout,
+        })
+        .collect();
+    let ramp_allowance = Duration::from_secs_f64(cfg.connections as f64 / cfg.rate + cfg.connect_timeout)
+        + Duration::from_secs(5)
+        + STARTUP_ALLOWANCE;
+    let ramp_started = Instant::now();
+    let (mut running, ramped) = if processes == 1 {
+        let share = shares
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no share to run"))?;
+        let (part, ramped) = IdlePart::ramp(share, progress.counters()).await?;
+        (Running::Here(part), vec![ramped])
+    } else {
+        let tasks = shares.into_iter().map(WorkerTask::Idle).collect();
+        // Ramp, hold and wind-down, with room to spare: a worker never outlives a stuck parent.
+        let deadline = ramp_allowance + Duration::from_secs_f64(cfg.hold) + Duration::from_secs(60);
+        let mut pool = WorkerPool::spawn(tasks, &cfg.workers, deadline, &progress).await?;
+        progress::detail(&format!(
+            "idle: {} connections over {} worker processes (pids {:?})",
+            cfg.connections,
+            pool.len(),
+            pool.pids()
+        ));
+        let ramped = pool.collect::<IdleRamped>("ramped", ramp_allowance).await?;
+        (Running::Workers(pool), ramped)
+    };
     let ramp_secs = ramp_started.elapsed().as_secs_f64();
 
     let mut latency = Histogram::new();
     let mut failure_samples: Vec<String> = Vec::new();
     let mut established = 0;
     let mut established_per_node = vec![0; nodes.len()];
-    for (node, result) in &results {
-        match result {
-            Ok(elapsed) => {
-                established += 1;
-                established_per_node[*node] += 1;
-                latency.record(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
-            }
-            Err(message) => {
-                if failure_samples.len() < MAX_FAILURE_SAMPLES && !failure_samples.contains(message) {
-                    failure_samples.push(message.clone());
-                }
-            }
+    for share in &ramped {
+        established += share.established;
+        for (total, count) in established_per_node.iter_mut().zip(&share.established_per_node) {
+            *total += count;
+        }
+        latency.merge(&share.latency);
+        for sample in &share.failure_samples {
+            add_sample(&mut failure_samples, sample);
         }
     }
-    eprintln!(
-        "idle: {established} of {} connections established; holding",
+    progress::note(&format!(
+        "idle: {established} of {} connections established in {ramp_secs:.1} s; holding",
         cfg.connections
-    );
+    ));
+    progress.phase("idle: holding");
 
     let hold_started = Instant::now();
     let hold_until = hold_started + Duration::from_secs_f64(cfg.hold);
     let mut rss_max = None;
     let mut rss_last = None;
     loop {
+        if let Running::Workers(pool) = &mut running {
+            pool.check()?;
+        }
         if let Some(rss) = servers_rss_kib(&cfg.server_pid)? {
             rss_last = Some(rss);
             rss_max = Some(rss_max.unwrap_or(0).max(rss));
@@ -277,17 +489,37 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
         tokio::time::sleep_until(hold_until.min(now + Duration::from_secs(1))).await;
     }
     let hold_secs = hold_started.elapsed().as_secs_f64();
-    let bench_rss_holding_kib = procfs::own_rss_kib()?;
 
-    stop.cancel();
-    let wind_down = tokio::time::timeout(Duration::from_secs(15), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if wind_down.is_err() {
-        tasks.abort_all();
-    }
-    let bench_cpu_secs = procfs::own_cpu_secs()? - cpu_before;
+    let (finished, worker_processes) = match running {
+        Running::Here(part) => (part.finish().await?, 0),
+        Running::Workers(mut pool) => {
+            pool.send_all(&ParentCommand::Stop).await?;
+            let shares = pool
+                .collect::<IdleFinished>("finished", Duration::from_secs(30))
+                .await?;
+            let workers = pool.len();
+            pool.shutdown().await;
+            let mut sum = IdleFinished {
+                dropped_while_holding: 0,
+                bench_rss_holding_kib: procfs::own_rss_kib()?,
+                bench_cpu_secs: 0.0,
+            };
+            for share in shares {
+                sum.dropped_while_holding += share.dropped_while_holding;
+                sum.bench_rss_holding_kib += share.bench_rss_holding_kib;
+                sum.bench_cpu_secs += share.bench_cpu_secs;
+            }
+            (sum, workers)
+        }
+    };
+    // In one process the share's CPU is this process's; workers add theirs.
+    let bench_cpu_secs = procfs::own_cpu_secs()? - cpu_before
+        + if worker_processes > 0 {
+            finished.bench_cpu_secs
+        } else {
+            0.0
+        };
+    drop(progress);
 
     let per_connection = match (rss_before, rss_last) {
         (Some(before), Some(holding)) if established > 0 => {
@@ -302,11 +534,12 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
         failed: cfg.connections - established,
         nodes: cfg.url.clone(),
         established_per_node,
-        dropped_while_holding: dropped.load(Ordering::Relaxed),
+        dropped_while_holding: finished.dropped_while_holding,
         failure_samples,
-        sources: nodes.node(0).sources.len().max(1),
+        sources: nodes.sources().len().max(1),
         sessions: session_count,
         room,
+        worker_processes,
         ramp_secs,
         hold_secs,
         connect_join_latency: latency.percentiles(),
@@ -314,8 +547,9 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
         server_rss_holding_kib: rss_last,
         server_rss_holding_max_kib: rss_max,
         server_rss_per_connection_bytes: per_connection,
-        bench_rss_holding_kib,
+        bench_rss_holding_kib: finished.bench_rss_holding_kib,
         bench_cpu_secs,
+        connect_join_histogram: latency,
     })
 }
 
@@ -347,6 +581,7 @@ struct HeldConnection {
     results: mpsc::Sender<Connected>,
     stop: CancellationToken,
     dropped: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
 }
 
 impl HeldConnection {
@@ -360,12 +595,14 @@ impl HeldConnection {
             timeout: self.timeout,
         };
         let joined = connect_and_join(spec).await;
-        let mut ws = match joined {
+        let (mut ws, _open) = match joined {
             Ok(joined) => {
+                let open = self.counters.established();
                 let _ = self.results.send((self.node, Ok(joined.latency))).await;
-                joined.ws
+                (joined.ws, open)
             }
             Err(e) => {
+                self.counters.failed();
                 let _ = self.results.send((self.node, Err(format!("{e:#}")))).await;
                 return;
             }

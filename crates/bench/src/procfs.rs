@@ -1,20 +1,21 @@
 //! Readings from `/proc`: a process's resident memory (`VmRSS`) and CPU time, the open-file limit,
-//! and a monotonic clock shared by every task of the load generator.
-
-use std::sync::LazyLock;
-use std::time::Instant;
+//! and a monotonic clock shared by every task and every worker process of the load generator.
 
 use anyhow::{Context, anyhow};
+use rustix::time::{ClockId, clock_gettime};
 
 /// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on Linux for every architecture
 /// that this tool targets).
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
-static PROCESS_START: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Nanoseconds since the load generator started (monotonic, comparable across its tasks).
+/// `CLOCK_MONOTONIC` in nanoseconds (time since boot, without suspend). It is one clock for every
+/// process on the machine, so a timestamp written by one load-generator process (a publisher's
+/// `sent_ns`) can be subtracted from a reading in another (a subscriber in a worker process).
 pub fn now_ns() -> u64 {
-    u64::try_from(PROCESS_START.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    let now = clock_gettime(ClockId::Monotonic);
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 /// Resident set size of process `pid`, in KiB.

@@ -22,6 +22,7 @@ pub enum FrameKind {
     Message,
     Ack,
     Error,
+    Pong,
     Other,
 }
 
@@ -38,6 +39,7 @@ pub fn frame_kind(frame: &[u8]) -> FrameKind {
         b"joined" => FrameKind::Joined,
         b"welcome" => FrameKind::Welcome,
         b"error" => FrameKind::Error,
+        b"pong" => FrameKind::Pong,
         _ => FrameKind::Other,
     }
 }
@@ -55,6 +57,11 @@ pub fn sent_ns(frame: &[u8]) -> Option<u64> {
 /// Whether the frame carries a `ref` (a reply to a request rather than an unsolicited error).
 pub fn has_ref(frame: &[u8]) -> bool {
     REF.find(frame).is_some()
+}
+
+/// The `"ref":` of a reply, when it is an unsigned integer (the load generator's refs always are).
+pub fn reference(frame: &[u8]) -> Option<u64> {
+    integer_after(frame, &REF)
 }
 
 fn integer_after(frame: &[u8], key: &Finder<'_>) -> Option<u64> {
@@ -88,5 +95,9 @@ mod tests {
         assert_eq!(frame_kind(br#"{"type":"presence_diff"}"#), FrameKind::Other);
         assert_eq!(frame_kind(b"[1]"), FrameKind::Other);
         assert_eq!(offset(br#"{"type":"ack"}"#), None);
+        let pong = br#"{"type":"pong","ref":18446744073709551615}"#;
+        assert_eq!(frame_kind(pong), FrameKind::Pong);
+        assert_eq!(reference(pong), Some(u64::MAX));
+        assert_eq!(reference(br#"{"type":"pong","ref":"a1"}"#), None);
     }
 }

@@ -124,6 +124,29 @@ impl Nodes {
     pub fn iter(&self) -> impl Iterator<Item = &Target> {
         self.targets.iter()
     }
+
+    /// The source addresses connections are spread over (the same for every node); empty when the
+    /// kernel chooses.
+    pub fn sources(&self) -> &[IpAddr] {
+        &self.targets[0].sources
+    }
+
+    /// The same nodes with connections bound to `sources` only: a worker process's share of the
+    /// source addresses. Empty `sources` keep the current ones.
+    pub fn with_sources(mut self, sources: &[IpAddr]) -> Nodes {
+        if !sources.is_empty() {
+            for target in &mut self.targets {
+                target.sources = sources.to_vec();
+            }
+        }
+        self
+    }
+}
+
+/// How many connections one load-generator process may open: its open-file limit less the spare.
+pub fn connections_per_process() -> anyhow::Result<usize> {
+    let limit = procfs::open_files_limit()?;
+    Ok(usize::try_from(limit.saturating_sub(SPARE_OPEN_FILES)).unwrap_or(usize::MAX))
 }
 
 /// Fails clearly when `connections` sockets would not fit under this process's open-file limit.
@@ -134,9 +157,9 @@ pub fn check_open_files(connections: usize) -> anyhow::Result<()> {
         bail!(
             "{connections} connections do not fit in one load-generator process: it may hold at most \
              {limit} open files (its RLIMIT_NOFILE; on this machine 20,000 is also the hard limit), of \
-             which {SPARE_OPEN_FILES} are kept spare, so at most {usable} connections. Spreading the \
-             load over several worker processes is not implemented yet: run at most {usable} \
-             connections per process"
+             which {SPARE_OPEN_FILES} are kept spare, so at most {usable} connections. The idle, rtt \
+             and churn connections and the fan-out subscribers are spread over worker processes by \
+             themselves; the fan-out publishers stay in the main process"
         );
     }
     Ok(())
@@ -159,6 +182,7 @@ mod tests {
         assert_eq!(target.endpoint.host, "127.0.0.1:9");
         assert!(check_open_files(10_000_000).is_err());
         assert!(check_open_files(10).is_ok());
+        assert!(connections_per_process().unwrap() > 10);
     }
 
     #[tokio::test]
@@ -174,6 +198,14 @@ mod tests {
         assert!(Nodes::resolve(&[], false, 1).await.is_err());
         let twice = [urls[0].clone(), urls[0].clone()];
         assert!(Nodes::resolve(&twice, false, 1).await.is_err());
+        let narrowed = nodes
+            .clone()
+            .with_sources(&[IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3))]);
+        assert_eq!(
+            narrowed.node(1).source(7),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)))
+        );
+        assert_eq!(nodes.clone().with_sources(&[]).sources(), nodes.sources());
         let remote = [urls[0].clone(), "http://192.0.2.1:80".to_string()];
         assert!(Nodes::resolve(&remote, false, 1).await.is_err());
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
@@ -91,7 +91,7 @@ impl WsConnection {
         source: Option<IpAddr>,
         read_buffer: usize,
     ) -> anyhow::Result<WsConnection> {
-        let stream = switchyard_client::tcp_connect_with(endpoint.addr, source, None).await?;
+        let stream = tcp_connect(endpoint.addr, source).await?;
         let seed = seed_from(&endpoint.addr, source, &stream);
         let mut conn = WsConnection {
             stream,
@@ -304,6 +304,32 @@ impl WsConnection {
         self.write_buf
             .extend(payload.iter().enumerate().map(|(i, byte)| byte ^ mask[i & 3]));
     }
+}
+
+/// Opens a TCP connection to `addr`, bound to `source` first if given. A bound socket takes its
+/// port at `bind`, where ports held by TIME_WAIT sockets count as taken: with `SO_REUSEADDR` they
+/// may be reused once no free port is left, so churning connections from one source address do not
+/// run out of ports after ~28,000 closes a minute (connect then recycles the TIME_WAIT entry, as
+/// `net.ipv4.tcp_tw_reuse` allows on loopback).
+async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .context("cannot create a socket (out of file descriptors?)")?;
+    if let Some(ip) = source {
+        socket.set_reuseaddr(true).context("cannot set SO_REUSEADDR")?;
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("cannot bind source address {ip} (no free port?)"))?;
+    }
+    let stream = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true).context("cannot set TCP_NODELAY")?;
+    Ok(stream)
 }
 
 /// A non-zero xorshift seed that differs between connections.

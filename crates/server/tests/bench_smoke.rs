@@ -1,14 +1,24 @@
 //! Smoke test of the load generator against the real server binary: a small `idle` ramp, a short
-//! fixed-rate `fanout`, and the same fan-out over two nodes on one Redis (several `--url`). It
-//! asserts behaviour only (every connection established, nothing lost or reordered, every
-//! publication delivered to every subscriber of its room, on every node), never timings.
+//! fixed-rate `fanout`, the same fan-out over two nodes on one Redis (several `--url`), short
+//! `rtt` and `churn` runs, and every scenario spread over worker processes at a tiny per-process
+//! limit. It asserts behaviour only (every connection established, nothing lost or reordered,
+//! every publication delivered to every subscriber of its room, on every node, every pong matched,
+//! the churn's counts adding up), never timings.
+//!
+//! The worker processes of these tests are this test binary itself, started with a filter that
+//! runs only [`bench_worker_process_entry`] (which serves the worker side when
+//! `SWITCHYARD_BENCH_TEST_WORKER` is set): the `switchyard-bench` executable is not built for the
+//! server's tests. Its `worker` subcommand runs the same [`switchyard_bench::worker::serve_stdio`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use switchyard_bench::{FanoutConfig, IdleConfig, PublishRate, run_fanout, run_idle};
+use switchyard_bench::{
+    ChurnConfig, FanoutConfig, IdleConfig, Lifetimes, PublishRate, RttConfig, WorkerCommand, WorkerOptions,
+    run_churn, run_fanout, run_idle, run_rtt,
+};
 use switchyard_testkit::redis::RedisProcess;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -177,4 +187,197 @@ async fn refuses_remote_targets() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a loopback"), "{err}");
+}
+
+#[tokio::test]
+async fn rtt_and_churn_refuse_remote_targets() {
+    let err = run_rtt(RttConfig::new("http://192.0.2.1:8000"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a loopback"), "{err}");
+    let err = run_churn(ChurnConfig::new("http://192.0.2.1:8000"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a loopback"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtt_matches_every_pong_to_its_ping() {
+    let server = Server::start().await;
+    let mut cfg = RttConfig::new(server.url());
+    cfg.connections = 4;
+    cfg.duration = 1.0;
+    cfg.sources = 2;
+    cfg.sessions = 2;
+    cfg.server_pid = vec![server.pid()];
+    let report = run_rtt(cfg.clone()).await.unwrap();
+    assert_eq!(report.connected, 4, "{report}");
+    assert_eq!(report.failed, 0, "{report}");
+    assert!(report.round_trips > 0, "{report}");
+    assert_eq!(
+        (
+            report.errors,
+            report.timeouts,
+            report.unexpected_pongs,
+            report.dropped
+        ),
+        (0, 0, 0, 0),
+        "{report}"
+    );
+    assert_eq!(report.rtt.samples, report.round_trips, "{report}");
+    assert_eq!(report.connect_latency.samples, 4, "{report}");
+    assert!(report.server_cpu_secs.is_some(), "{report}");
+
+    // At a fixed rate, no connection sends more than its schedule allows.
+    cfg.rate = Some(20.0);
+    let report = run_rtt(cfg).await.unwrap();
+    assert!(report.round_trips > 0, "{report}");
+    assert!(report.round_trips <= 4 * 20 + 4, "{report}");
+    assert_eq!(
+        (report.errors, report.timeouts, report.dropped),
+        (0, 0, 0),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_counts_add_up() {
+    let server = Server::start().await;
+    for lifetimes in [Lifetimes::Fixed, Lifetimes::Random] {
+        let mut cfg = ChurnConfig::new(server.url());
+        cfg.connections = 10;
+        cfg.rate = 20.0;
+        cfg.duration = 1.5;
+        cfg.lifetimes = lifetimes;
+        cfg.rooms = 2;
+        cfg.settle = 0.1;
+        cfg.sources = 2;
+        cfg.sessions = 3;
+        cfg.server_pid = vec![server.pid()];
+        let report = run_churn(cfg).await.unwrap();
+        assert_eq!(report.fill_established, 10, "{report}");
+        assert_eq!(report.fill_failed, 0, "{report}");
+        assert!(report.opened > 0, "{report}");
+        assert!(report.closed > 0, "{report}");
+        assert_eq!((report.failed, report.dropped), (0, 0), "{report}");
+        // What is open at the end is the fill plus what was opened, less what was closed.
+        assert_eq!(report.open_at_end, 10 + report.opened - report.closed, "{report}");
+        assert_eq!(report.connect_join_latency.samples, report.opened, "{report}");
+        assert_eq!(report.fill_latency.samples, 10, "{report}");
+        assert!(report.server_rss_start_kib.is_some() && report.server_rss_end_kib.is_some());
+    }
+}
+
+/// Set in the environment of worker processes started by these tests.
+const TEST_WORKER_ENV: &str = "SWITCHYARD_BENCH_TEST_WORKER";
+
+/// Not a test of its own: when the load generator starts this binary as its worker process (with
+/// `SWITCHYARD_BENCH_TEST_WORKER` set), this serves the worker side; otherwise it passes at once.
+#[test]
+fn bench_worker_process_entry() {
+    if std::env::var_os(TEST_WORKER_ENV).is_none() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // As a task, so that a panic comes back as an error instead of unwinding through the runtime
+    // (whose drop would wait for the blocking thread that reads stdin).
+    let outcome = runtime.block_on(async { tokio::spawn(switchyard_bench::worker::serve_stdio()).await });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome.unwrap().unwrap();
+}
+
+/// Worker processes for at most `per_process` connections each: this test binary, running only
+/// [`bench_worker_process_entry`].
+fn test_workers(per_process: usize) -> WorkerOptions {
+    WorkerOptions {
+        connections_per_process: Some(per_process),
+        command: Some(WorkerCommand {
+            program: std::env::current_exe().unwrap(),
+            args: [
+                "bench_worker_process_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: vec![(TEST_WORKER_ENV.to_string(), "1".to_string())],
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenarios_spread_over_worker_processes() {
+    let server = Server::start().await;
+
+    let mut idle = IdleConfig::new(server.url());
+    idle.connections = 7;
+    idle.rate = 200.0;
+    idle.hold = 0.2;
+    idle.sources = 3;
+    idle.sessions = 2;
+    idle.server_pid = vec![server.pid()];
+    idle.workers = test_workers(3);
+    let report = run_idle(idle).await.unwrap();
+    assert_eq!(report.worker_processes, 3, "{report}");
+    assert_eq!(report.established, 7, "{report}");
+    assert_eq!(report.dropped_while_holding, 0, "{report}");
+    assert_eq!(report.connect_join_latency.samples, 7, "{report}");
+
+    let mut rtt = RttConfig::new(server.url());
+    rtt.connections = 4;
+    rtt.duration = 0.5;
+    rtt.workers = test_workers(2);
+    let report = run_rtt(rtt).await.unwrap();
+    assert_eq!(report.worker_processes, 2, "{report}");
+    assert_eq!(report.connected, 4, "{report}");
+    assert!(report.round_trips > 0, "{report}");
+    assert_eq!(report.rtt.samples, report.round_trips, "{report}");
+    assert_eq!(
+        (report.errors, report.timeouts, report.dropped),
+        (0, 0, 0),
+        "{report}"
+    );
+
+    let mut churn = ChurnConfig::new(server.url());
+    // 6 connections and 2/s × 3 s of connections in flight: 12, two processes of 6.
+    churn.connections = 6;
+    churn.rate = 2.0;
+    churn.duration = 1.5;
+    churn.settle = 0.0;
+    churn.workers = test_workers(6);
+    let report = run_churn(churn).await.unwrap();
+    assert_eq!(report.worker_processes, 2, "{report}");
+    assert_eq!(report.fill_established, 6, "{report}");
+    assert!(report.opened > 0 && report.closed > 0, "{report}");
+    assert_eq!((report.failed, report.dropped), (0, 0), "{report}");
+    assert_eq!(report.open_at_end, 6 + report.opened - report.closed, "{report}");
+
+    // Subscribers in workers, publishers here: timestamps and offsets must still line up.
+    let mut fanout = FanoutConfig::new(server.url());
+    fanout.subscribers = 6;
+    fanout.rooms = 2;
+    fanout.publishers = 2;
+    fanout.rate = PublishRate::PerSecond(20.0);
+    fanout.duration = 1.0;
+    fanout.payload = 64;
+    fanout.sessions = 2;
+    fanout.workers = test_workers(3);
+    let report = run_fanout(fanout).await.unwrap();
+    assert_eq!(report.worker_processes, 2, "{report}");
+    assert_eq!(report.subscribers_connected, 6, "{report}");
+    assert!(report.publications > 0, "{report}");
+    assert_eq!((report.lost, report.out_of_order), (0, 0), "{report}");
+    assert_eq!(report.deliveries, report.publications * 3, "{report}");
+    assert_eq!(report.latency.samples, report.deliveries, "{report}");
+    for room in &report.per_room {
+        assert_eq!(room.subscribers, 3, "{report}");
+        assert_eq!(room.deliveries, room.publications * 3, "{report}");
+    }
 }
