@@ -359,8 +359,10 @@ async fn open(
             }
         },
     };
-    // The session id is a bearer credential: it stays out of the logs.
-    tracing::info!(user = %conn.user, "connected");
+    // The session id is a bearer credential: it stays out of the logs. Connects and client-side
+    // disconnects are debug-level (a line per connection is heavy at tens of thousands); closes
+    // the server decides stay at info.
+    tracing::debug!(user = %conn.user, "connected");
     Some((socket, conn))
 }
 
@@ -385,7 +387,7 @@ async fn finish(
             node.metrics.closed_with(close.code.code());
             send_close(&mut ws, &close, state.write_timeout()).await;
         }
-        None => tracing::info!("disconnected"),
+        None => tracing::debug!("disconnected"),
     }
 }
 
