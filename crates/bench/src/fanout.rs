@@ -510,8 +510,51 @@ impl SubscribersFinished {
     }
 }
 
+/// Delivery latencies of a share's subscribers, per node, in a few shards: one histogram per
+/// subscriber would cost 9.5 KB each (about 1 GB at 100,000 subscribers).
+struct SharedLatency {
+    shards: Vec<parking_lot::Mutex<Histogram>>,
+}
+
+const LATENCY_SHARDS: usize = 16;
+
+impl SharedLatency {
+    fn new(nodes: usize) -> Self {
+        SharedLatency {
+            shards: (0..nodes * LATENCY_SHARDS)
+                .map(|_| parking_lot::Mutex::new(Histogram::new()))
+                .collect(),
+        }
+    }
+
+    fn slot(node: usize, index: usize) -> usize {
+        node * LATENCY_SHARDS + index % LATENCY_SHARDS
+    }
+
+    fn record(&self, slot: usize, nanos: u64) {
+        if let Some(shard) = self.shards.get(slot) {
+            shard.lock().record(nanos);
+        }
+    }
+
+    /// The merged latencies of one node's subscribers.
+    fn node(&self, node: usize) -> Histogram {
+        let mut merged = Histogram::new();
+        for shard in self
+            .shards
+            .iter()
+            .skip(node * LATENCY_SHARDS)
+            .take(LATENCY_SHARDS)
+        {
+            merged.merge(&shard.lock());
+        }
+        merged
+    }
+}
+
 /// A share's subscriber tasks, joined and receiving until told the final offsets.
 struct SubscriberGroup {
+    latency: Arc<SharedLatency>,
     tasks: JoinSet<Option<SubscriberReport>>,
     finals: watch::Sender<Option<Finals>>,
     rooms: usize,
@@ -540,6 +583,7 @@ impl SubscriberGroup {
         let (finals_tx, finals_rx) = watch::channel::<Option<Finals>>(None);
         let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(share.count.max(1));
         let mut tasks = JoinSet::new();
+        let latency = Arc::new(SharedLatency::new(nodes.len()));
         let interval = crate::interval_of(share.connect_rate);
         let connect_timeout = Duration::from_secs_f64(share.connect_timeout);
         let setup_started = Instant::now();
@@ -559,6 +603,7 @@ impl SubscriberGroup {
                 ready: ready_tx.clone(),
                 finals: finals_rx.clone(),
                 counters: counters.clone(),
+                latency: latency.clone(),
             };
             tasks.spawn(subscriber.run());
         }
@@ -585,6 +630,7 @@ impl SubscriberGroup {
             }
         }
         let group = SubscriberGroup {
+            latency,
             tasks,
             finals: finals_tx,
             rooms,
@@ -646,7 +692,7 @@ impl SubscriberGroup {
             node.deliveries += report.deliveries;
             node.lost += report.lost;
             node.out_of_order += report.out_of_order;
-            node.latency.merge(&report.latency);
+
             if report.deliveries > 0 {
                 finished.last_delivery_ns = finished.last_delivery_ns.max(report.last_delivery_ns);
             }
@@ -658,6 +704,9 @@ impl SubscriberGroup {
                         .push(format!("subscriber dropped: {ended}"));
                 }
             }
+        }
+        for (index, node) in finished.nodes.iter_mut().enumerate() {
+            node.latency = self.latency.node(index);
         }
         finished.bench_cpu_secs = procfs::own_cpu_secs()? - self.cpu_before;
         Ok(finished)
@@ -1076,7 +1125,6 @@ struct SubscriberReport {
     deliveries: u64,
     lost: u64,
     out_of_order: u64,
-    latency: Histogram,
     last_delivery_ns: u64,
     /// Why the connection ended before the subscriber was done, if it did.
     ended_early: Option<String>,
@@ -1095,6 +1143,7 @@ struct Subscriber {
     ready: mpsc::Sender<Result<(), String>>,
     finals: watch::Receiver<Option<Finals>>,
     counters: Arc<Counters>,
+    latency: Arc<SharedLatency>,
 }
 
 impl Subscriber {
@@ -1121,7 +1170,11 @@ impl Subscriber {
         drop(self.ready);
         let open = self.counters.established();
         let mut ws = joined.ws;
-        let mut check = DeliveryCheck::new(joined.offset);
+        let mut check = DeliveryCheck::new(
+            joined.offset,
+            self.latency.clone(),
+            SharedLatency::slot(self.node, self.index),
+        );
         let ended_early = check
             .receive(&mut ws, &mut self.finals, self.room, &self.counters)
             .await
@@ -1144,7 +1197,6 @@ impl Subscriber {
             deliveries: check.deliveries,
             lost: check.lost,
             out_of_order: check.out_of_order,
-            latency: check.latency,
             last_delivery_ns: check.last_delivery_ns,
             ended_early: ended_early.map(|e| format!("{e:#}")),
         })
@@ -1157,18 +1209,20 @@ struct DeliveryCheck {
     deliveries: u64,
     lost: u64,
     out_of_order: u64,
-    latency: Histogram,
+    latency: Arc<SharedLatency>,
+    latency_slot: usize,
     last_delivery_ns: u64,
 }
 
 impl DeliveryCheck {
-    fn new(joined_offset: u64) -> Self {
+    fn new(joined_offset: u64, latency: Arc<SharedLatency>, latency_slot: usize) -> Self {
         DeliveryCheck {
             next_offset: joined_offset + 1,
             deliveries: 0,
             lost: 0,
             out_of_order: 0,
-            latency: Histogram::new(),
+            latency,
+            latency_slot,
             last_delivery_ns: 0,
         }
     }
@@ -1177,7 +1231,8 @@ impl DeliveryCheck {
         self.deliveries += 1;
         self.last_delivery_ns = received_ns;
         if let Some(sent) = sent_ns {
-            self.latency.record(received_ns.saturating_sub(sent));
+            self.latency
+                .record(self.latency_slot, received_ns.saturating_sub(sent));
         }
         if offset == self.next_offset {
             self.next_offset += 1;
@@ -1544,11 +1599,14 @@ mod tests {
 
     #[test]
     fn gaps_and_reorders_are_counted() {
-        let mut check = DeliveryCheck::new(0);
+        let latency = Arc::new(SharedLatency::new(2));
+        let mut check = DeliveryCheck::new(0, latency.clone(), SharedLatency::slot(1, 3));
         for offset in [1, 2, 4, 3, 5] {
             check.delivered(offset, Some(0), 10);
         }
         assert_eq!((check.deliveries, check.lost, check.out_of_order), (5, 1, 1));
+        assert_eq!(latency.node(0).count(), 0);
+        assert_eq!(latency.node(1).count(), 5);
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl TryFrom<HistogramBuckets> for Histogram {
             ));
         }
         let mut histogram = Histogram::new();
+        histogram.allocate();
         for (index, count) in wire.buckets {
             let slot = histogram
                 .counts
@@ -136,21 +137,33 @@ fn bucket_value(index: usize) -> u64 {
 }
 
 impl Histogram {
+    /// An empty histogram; its buckets (9.5 KB) are allocated on the first value.
     pub fn new() -> Self {
         Histogram {
-            counts: vec![0; BUCKETS].into_boxed_slice(),
+            counts: Box::new([]),
             total: 0,
             max: 0,
         }
     }
 
+    fn allocate(&mut self) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; BUCKETS].into_boxed_slice();
+        }
+    }
+
     pub fn record(&mut self, nanos: u64) {
+        self.allocate();
         self.counts[bucket_of(nanos)] += 1;
         self.total += 1;
         self.max = self.max.max(nanos);
     }
 
     pub fn merge(&mut self, other: &Histogram) {
+        if other.counts.is_empty() {
+            return;
+        }
+        self.allocate();
         for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
             *mine += theirs;
         }
