@@ -15,6 +15,14 @@
 //! connects its share, the parent runs the publishers, then sends every worker the rooms' final
 //! offsets and merges what they received (counts per room and node, latency histogram buckets).
 //! Timestamps are `CLOCK_MONOTONIC`, one clock for all of the load generator's processes.
+//!
+//! With `--broadcasts N`, once publishing has stopped the coordinating process also sends N server
+//! broadcasts (`POST /api/broadcast` on the first node, one at a time, `--broadcast-interval`
+//! apart), each with its send timestamp, a sequence number and the run's id in its data. Every
+//! subscriber counts the `system` frames of this run and records their latency in a second shared
+//! histogram; it is done when it has the final offsets and every broadcast (or the drain deadline
+//! passed). The report says how many broadcast deliveries arrived of the expected (broadcasts sent
+//! × subscribers connected), how many subscribers received every broadcast, and their latency.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -24,7 +32,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
+use switchyard_client::Http;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -33,9 +43,9 @@ use crate::histogram::{Histogram, Percentiles};
 use crate::plot::LatencyPlot;
 use crate::procfs::{self, now_ns};
 use crate::progress::{self, Counters, Progress};
-use crate::scan::{self, FrameKind, SENT_NS_KEY};
+use crate::scan::{self, BROADCAST_RUN_KEY, BROADCAST_SEQ_KEY, FrameKind, SENT_NS_KEY};
 use crate::session::{ConnectSpec, connect_and_join, create_sessions, room_offset};
-use crate::target::{Nodes, check_open_files};
+use crate::target::{Nodes, Target, check_open_files};
 use crate::worker::{
     ParentCommand, STARTUP_ALLOWANCE, WorkerIo, WorkerOptions, WorkerPool, WorkerTask, split_range,
     split_sources,
@@ -138,6 +148,16 @@ pub struct FanoutConfig {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+    /// Server broadcasts (`POST /api/broadcast` on the first --url) sent one at a time after
+    /// publishing stopped; every subscriber must receive each as a `system` frame
+    #[arg(long, default_value_t = 0)]
+    pub broadcasts: u64,
+    /// Seconds from one broadcast to the next
+    #[arg(long, default_value_t = 0.2)]
+    pub broadcast_interval: f64,
+    /// API key of the HTTP API, sent as `Authorization: Bearer` with the broadcasts
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     #[command(flatten)]
     pub workers: WorkerOptions,
 }
@@ -167,6 +187,9 @@ impl FanoutConfig {
             drain_timeout: 10.0,
             connect_timeout: 10.0,
             allow_remote: false,
+            broadcasts: 0,
+            broadcast_interval: 0.2,
+            api_key: None,
             workers: WorkerOptions::default(),
         }
     }
@@ -201,6 +224,14 @@ pub struct NodeReport {
     pub out_of_order: u64,
     /// Latency of the deliveries to this node's subscribers.
     pub latency: Percentiles,
+    /// Broadcasts (`system` frames of this run) received by this node's subscribers.
+    pub broadcast_deliveries: u64,
+    /// Broadcasts sent × this node's subscribers.
+    pub expected_broadcast_deliveries: u64,
+    /// This node's subscribers that received every broadcast (0 when none was sent).
+    pub subscribers_all_broadcasts: usize,
+    /// Latency of the broadcasts to this node's subscribers.
+    pub broadcast_latency: Percentiles,
 }
 
 /// CPU time and memory of one server process (given with `--server-pid`).
@@ -255,6 +286,21 @@ pub struct FanoutReport {
     /// behind the publisher's earlier publishes (up to `window` of them) on the server.
     pub ack_latency: Percentiles,
     pub per_room: Vec<RoomReport>,
+    /// Server broadcasts asked for (`--broadcasts`).
+    pub broadcasts: u64,
+    /// Broadcasts the server accepted (`POST /api/broadcast` answered 200).
+    pub broadcasts_sent: u64,
+    /// Broadcast requests that failed (the first failure ends the broadcasts).
+    pub broadcast_errors: u64,
+    /// `system` frames of this run received by the subscribers.
+    pub broadcast_deliveries: u64,
+    /// Broadcasts sent × subscribers connected.
+    pub expected_broadcast_deliveries: u64,
+    /// Subscribers that received every broadcast (0 when none was sent).
+    pub subscribers_all_broadcasts: usize,
+    /// From the timestamp taken just before `POST /api/broadcast` (so including the HTTP request)
+    /// to the subscriber's read of the `system` frame.
+    pub broadcast_latency: Percentiles,
     pub bench_cpu_secs: f64,
     pub bench_cpu_us_per_delivery: f64,
     /// Summed over every `--server-pid`.
@@ -274,6 +320,9 @@ pub struct FanoutReport {
     /// The publish → ack latencies themselves, for `--plot`.
     #[serde(skip)]
     pub ack_latency_histogram: Histogram,
+    /// The broadcast latencies themselves, for `--plot`.
+    #[serde(skip)]
+    pub broadcast_latency_histogram: Histogram,
 }
 
 impl LatencyPlot for FanoutReport {
@@ -285,10 +334,17 @@ impl LatencyPlot for FanoutReport {
     }
 
     fn plot_series(&self) -> Vec<(String, &Histogram)> {
-        vec![
+        let mut series = vec![
             ("publish → delivery".to_string(), &self.latency_histogram),
             ("publish → ack".to_string(), &self.ack_latency_histogram),
-        ]
+        ];
+        if !self.broadcast_latency_histogram.is_empty() {
+            series.push((
+                "broadcast → delivery".to_string(),
+                &self.broadcast_latency_histogram,
+            ));
+        }
+        series
     }
 }
 
@@ -339,6 +395,20 @@ impl std::fmt::Display for FanoutReport {
         )?;
         writeln!(f, "  latency: {}", self.latency)?;
         writeln!(f, "  publish → ack: {}", self.ack_latency)?;
+        if self.broadcasts > 0 {
+            writeln!(
+                f,
+                "  broadcasts {} of {} sent ({} failed): {} of {} expected deliveries; {} of {} subscribers received every one",
+                self.broadcasts_sent,
+                self.broadcasts,
+                self.broadcast_errors,
+                self.broadcast_deliveries,
+                self.expected_broadcast_deliveries,
+                self.subscribers_all_broadcasts,
+                self.subscribers_connected
+            )?;
+            writeln!(f, "  broadcast latency: {}", self.broadcast_latency)?;
+        }
         write!(
             f,
             "  load generator CPU {:.2} s = {:.2} µs per delivery",
@@ -374,6 +444,18 @@ impl std::fmt::Display for FanoutReport {
                     node.out_of_order,
                     node.latency
                 )?;
+                if self.broadcasts > 0 {
+                    writeln!(
+                        f,
+                        "  node {}: broadcasts {} of {} expected deliveries, {} of {} subscribers received every one; latency {}",
+                        node.url,
+                        node.broadcast_deliveries,
+                        node.expected_broadcast_deliveries,
+                        node.subscribers_all_broadcasts,
+                        node.subscribers,
+                        node.broadcast_latency
+                    )?;
+                }
             }
         }
         if self.per_room.len() > 1 {
@@ -436,6 +518,8 @@ pub struct SubscriberShare {
     pub connect_rate: f64,
     pub read_buffer: usize,
     pub connect_timeout: f64,
+    /// The run's id: broadcasts that carry it (under [`BROADCAST_RUN_KEY`]) are this run's.
+    pub run_id: String,
 }
 
 /// A share's subscribers, connected and joined.
@@ -463,6 +547,10 @@ pub struct NodeTally {
     pub lost: u64,
     pub out_of_order: u64,
     pub latency: Histogram,
+    pub broadcast_deliveries: u64,
+    /// Subscribers that received every broadcast (counted only when broadcasts were sent).
+    pub subscribers_all_broadcasts: usize,
+    pub broadcast_latency: Histogram,
 }
 
 /// What a share's subscribers received, per room and per node (node tallies carry the latency
@@ -499,6 +587,9 @@ impl SubscribersFinished {
             mine.lost += theirs.lost;
             mine.out_of_order += theirs.out_of_order;
             mine.latency.merge(&theirs.latency);
+            mine.broadcast_deliveries += theirs.broadcast_deliveries;
+            mine.subscribers_all_broadcasts += theirs.subscribers_all_broadcasts;
+            mine.broadcast_latency.merge(&theirs.broadcast_latency);
         }
         self.last_delivery_ns = self.last_delivery_ns.max(other.last_delivery_ns);
         for sample in &other.failure_samples {
@@ -552,9 +643,27 @@ impl SharedLatency {
     }
 }
 
+/// What all of a share's subscribers record into: the latencies of publications and of broadcasts
+/// (apart), and the finder that tells this run's broadcasts from any other `system` frame.
+struct SharedRecords {
+    latency: SharedLatency,
+    broadcast_latency: SharedLatency,
+    run_marker: Finder<'static>,
+}
+
+impl SharedRecords {
+    fn new(nodes: usize, run_id: &str) -> Self {
+        SharedRecords {
+            latency: SharedLatency::new(nodes),
+            broadcast_latency: SharedLatency::new(nodes),
+            run_marker: scan::run_marker(run_id),
+        }
+    }
+}
+
 /// A share's subscriber tasks, joined and receiving until told the final offsets.
 struct SubscriberGroup {
-    latency: Arc<SharedLatency>,
+    records: Arc<SharedRecords>,
     tasks: JoinSet<Option<SubscriberReport>>,
     finals: watch::Sender<Option<Finals>>,
     rooms: usize,
@@ -583,7 +692,7 @@ impl SubscriberGroup {
         let (finals_tx, finals_rx) = watch::channel::<Option<Finals>>(None);
         let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(share.count.max(1));
         let mut tasks = JoinSet::new();
-        let latency = Arc::new(SharedLatency::new(nodes.len()));
+        let records = Arc::new(SharedRecords::new(nodes.len(), &share.run_id));
         let interval = crate::interval_of(share.connect_rate);
         let connect_timeout = Duration::from_secs_f64(share.connect_timeout);
         let setup_started = Instant::now();
@@ -603,7 +712,7 @@ impl SubscriberGroup {
                 ready: ready_tx.clone(),
                 finals: finals_rx.clone(),
                 counters: counters.clone(),
-                latency: latency.clone(),
+                records: records.clone(),
             };
             tasks.spawn(subscriber.run());
         }
@@ -630,7 +739,7 @@ impl SubscriberGroup {
             }
         }
         let group = SubscriberGroup {
-            latency,
+            records,
             tasks,
             finals: finals_tx,
             rooms,
@@ -640,15 +749,21 @@ impl SubscriberGroup {
         Ok((group, ready))
     }
 
-    /// Tells the subscribers the rooms' final offsets, waits until each received them (or gave up
-    /// at the drain deadline), and adds up what they received.
-    async fn finish(mut self, top_offsets: Vec<u64>, drain: Duration) -> anyhow::Result<SubscribersFinished> {
+    /// Tells the subscribers the rooms' final offsets and the number of broadcasts sent, waits
+    /// until each received them (or gave up at the drain deadline), and adds up what they received.
+    async fn finish(
+        mut self,
+        top_offsets: Vec<u64>,
+        broadcasts: u64,
+        drain: Duration,
+    ) -> anyhow::Result<SubscribersFinished> {
         if top_offsets.len() != self.rooms {
             bail!("{} final offsets for {} rooms", top_offsets.len(), self.rooms);
         }
         let drain_deadline = Instant::now() + drain;
         let _ = self.finals.send(Some(Finals {
             top_offsets: Arc::new(top_offsets),
+            broadcasts,
             deadline: drain_deadline,
         }));
         let subscribers_done = tokio::time::timeout_at(drain_deadline + Duration::from_secs(5), async {
@@ -692,7 +807,10 @@ impl SubscriberGroup {
             node.deliveries += report.deliveries;
             node.lost += report.lost;
             node.out_of_order += report.out_of_order;
-
+            node.broadcast_deliveries += report.broadcasts;
+            if broadcasts > 0 && report.broadcasts >= broadcasts {
+                node.subscribers_all_broadcasts += 1;
+            }
             if report.deliveries > 0 {
                 finished.last_delivery_ns = finished.last_delivery_ns.max(report.last_delivery_ns);
             }
@@ -706,7 +824,8 @@ impl SubscriberGroup {
             }
         }
         for (index, node) in finished.nodes.iter_mut().enumerate() {
-            node.latency = self.latency.node(index);
+            node.latency = self.records.latency.node(index);
+            node.broadcast_latency = self.records.broadcast_latency.node(index);
         }
         finished.bench_cpu_secs = procfs::own_cpu_secs()? - self.cpu_before;
         Ok(finished)
@@ -714,7 +833,8 @@ impl SubscriberGroup {
 }
 
 /// A worker's side of the fan-out: connect its subscribers, report, receive until the final
-/// offsets arrive and are received (or the drain time is over), report.
+/// offsets and the broadcast count arrive and all of it is received (or the drain time is over),
+/// report.
 pub(crate) async fn serve_worker(
     share: SubscriberShare,
     io: &mut WorkerIo,
@@ -722,18 +842,19 @@ pub(crate) async fn serve_worker(
 ) -> anyhow::Result<()> {
     let (group, ready) = SubscriberGroup::connect(share, counters).await?;
     io.send_phase("ready", &ready)?;
-    let (top_offsets, drain_secs) = match io.command().await? {
+    let (top_offsets, drain_secs, broadcasts) = match io.command().await? {
         ParentCommand::Finals {
             top_offsets,
             drain_secs,
-        } => (top_offsets, drain_secs),
+            broadcasts,
+        } => (top_offsets, drain_secs, broadcasts),
         other => bail!("expected the final offsets, got {other:?}"),
     };
     if !drain_secs.is_finite() || drain_secs < 0.0 {
         bail!("invalid drain time {drain_secs}");
     }
     let finished = group
-        .finish(top_offsets, Duration::from_secs_f64(drain_secs))
+        .finish(top_offsets, broadcasts, Duration::from_secs_f64(drain_secs))
         .await?;
     io.send_phase("finished", &finished)
 }
@@ -776,6 +897,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
             connect_rate: cfg.connect_rate * count as f64 / cfg.subscribers as f64,
             read_buffer: cfg.read_buffer,
             connect_timeout: cfg.connect_timeout,
+            run_id: run_id.clone(),
         })
         .collect();
     let setup_allowance =
@@ -792,10 +914,11 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         (Subscribers::Here(group), vec![ready])
     } else {
         let tasks = shares.into_iter().map(WorkerTask::FanoutSubscribers).collect();
-        // Setup, publishers' setup, publishing, both drains, and room to spare.
+        // Setup, publishers' setup, publishing, both drains, the broadcasts, and room to spare.
         let deadline = setup_allowance
             + connect_timeout * 2
             + Duration::from_secs_f64(cfg.duration + 2.0 * cfg.drain_timeout)
+            + broadcasts_allowance(&cfg)
             + Duration::from_secs(60);
         let mut pool = WorkerPool::spawn(tasks, &cfg.workers, deadline, &progress).await?;
         progress::detail(&format!(
@@ -923,14 +1046,34 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         per_room[room].publications = top.saturating_sub(base_offsets[room]);
         top_offsets.push(top);
     }
+    // The subscribers are still receiving (they have no final offsets yet), so they count these.
+    let broadcasts = if cfg.broadcasts > 0 {
+        progress.phase("fanout: broadcasting");
+        send_broadcasts(
+            nodes.node(0),
+            cfg.api_key.as_deref(),
+            &run_id,
+            cfg.broadcasts,
+            Duration::from_secs_f64(cfg.broadcast_interval),
+        )
+        .await
+    } else {
+        BroadcastsSent::default()
+    };
+    if let Some(failure) = &broadcasts.failure
+        && failure_samples.len() < MAX_FAILURE_SAMPLES
+    {
+        failure_samples.push(format!("broadcast: {failure}"));
+    }
     progress.phase("fanout: draining");
     let drain = Duration::from_secs_f64(cfg.drain_timeout);
     let (finished, worker_processes) = match subscribers {
-        Subscribers::Here(group) => (group.finish(top_offsets, drain).await?, 0),
+        Subscribers::Here(group) => (group.finish(top_offsets, broadcasts.sent, drain).await?, 0),
         Subscribers::Workers(mut pool) => {
             pool.send_all(&ParentCommand::Finals {
                 top_offsets,
                 drain_secs: cfg.drain_timeout,
+                broadcasts: broadcasts.sent,
             })
             .await?;
             let shares = pool
@@ -981,7 +1124,10 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         node_reports[publisher_node(publisher, nodes.len())].publishers += 1;
     }
     let mut latency = Histogram::new();
+    let mut broadcast_latency = Histogram::new();
     let mut subscribers_dropped = 0;
+    let mut broadcast_deliveries = 0;
+    let mut subscribers_all_broadcasts = 0;
     for (report, tally) in node_reports.iter_mut().zip(&finished.nodes) {
         report.subscribers = tally.subscribers;
         report.subscribers_dropped = tally.dropped;
@@ -989,8 +1135,15 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         report.lost = tally.lost;
         report.out_of_order = tally.out_of_order;
         report.latency = tally.latency.percentiles();
+        report.broadcast_deliveries = tally.broadcast_deliveries;
+        report.expected_broadcast_deliveries = broadcasts.sent * tally.subscribers as u64;
+        report.subscribers_all_broadcasts = tally.subscribers_all_broadcasts;
+        report.broadcast_latency = tally.broadcast_latency.percentiles();
         latency.merge(&tally.latency);
+        broadcast_latency.merge(&tally.broadcast_latency);
         subscribers_dropped += tally.dropped;
+        broadcast_deliveries += tally.broadcast_deliveries;
+        subscribers_all_broadcasts += tally.subscribers_all_broadcasts;
     }
     for (room, tally) in per_room.iter_mut().zip(&finished.rooms) {
         room.subscribers = tally.subscribers;
@@ -1054,6 +1207,13 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         latency: latency.percentiles(),
         ack_latency: ack_latency.percentiles(),
         per_room,
+        broadcasts: cfg.broadcasts,
+        broadcasts_sent: broadcasts.sent,
+        broadcast_errors: broadcasts.errors,
+        broadcast_deliveries,
+        expected_broadcast_deliveries: broadcasts.sent * subscribers_connected as u64,
+        subscribers_all_broadcasts,
+        broadcast_latency: broadcast_latency.percentiles(),
         bench_cpu_secs: cpu_secs,
         bench_cpu_us_per_delivery: per_delivery_us(cpu_secs),
         server_cpu_secs,
@@ -1064,7 +1224,82 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
         failure_samples,
         latency_histogram: latency,
         ack_latency_histogram: ack_latency,
+        broadcast_latency_histogram: broadcast_latency,
     })
+}
+
+/// Most `--broadcasts` one run may send.
+const MAX_BROADCASTS: u64 = 10_000;
+/// Longest `--broadcast-interval`, seconds.
+const MAX_BROADCAST_INTERVAL_SECS: f64 = 60.0;
+
+/// What [`send_broadcasts`] did.
+#[derive(Debug, Default)]
+struct BroadcastsSent {
+    /// Broadcasts the server accepted.
+    sent: u64,
+    /// Requests that failed (at most one: the first failure ends the broadcasts).
+    errors: u64,
+    failure: Option<String>,
+}
+
+/// The longest [`send_broadcasts`] may take: every interval, and every request to its timeout.
+fn broadcasts_allowance(cfg: &FanoutConfig) -> Duration {
+    let per_broadcast = Duration::try_from_secs_f64(cfg.broadcast_interval).unwrap_or(Duration::ZERO)
+        + switchyard_client::DEFAULT_TIMEOUT;
+    per_broadcast.saturating_mul(u32::try_from(cfg.broadcasts).unwrap_or(u32::MAX))
+}
+
+/// The body of broadcast `seq` of run `run_id`, sent at `sent_ns`: `{"data": {...}}` with the
+/// timestamp, the sequence number and the run's id, which subscribers find by scanning.
+fn broadcast_body(run_id: &str, seq: u64, sent_ns: u64) -> serde_json::Value {
+    serde_json::json!({
+        "data": {
+            BROADCAST_RUN_KEY: run_id,
+            BROADCAST_SEQ_KEY: seq,
+            SENT_NS_KEY: sent_ns,
+        }
+    })
+}
+
+/// Sends `count` broadcasts through `target`'s `POST /api/broadcast`, one at a time (each waits
+/// for the previous answer), `interval` apart; each request is bounded by the HTTP client's
+/// timeout and the first failure ends the broadcasts.
+async fn send_broadcasts(
+    target: &Target,
+    api_key: Option<&str>,
+    run_id: &str,
+    count: u64,
+    interval: Duration,
+) -> BroadcastsSent {
+    let mut http = Http::new(target.endpoint.addr);
+    if let Some(key) = api_key {
+        http = http.with_api_key(key);
+    }
+    let mut outcome = BroadcastsSent::default();
+    let started = Instant::now();
+    for seq in 1..=count {
+        let due = started + interval.saturating_mul(u32::try_from(seq - 1).unwrap_or(u32::MAX));
+        tokio::time::sleep_until(due).await;
+        let body = broadcast_body(run_id, seq, now_ns());
+        let failure = match http.post("/api/broadcast", &body).await {
+            Ok(response) if response.status.is_success() => None,
+            Ok(response) => Some(format!(
+                "POST /api/broadcast to {}: {} {}",
+                target.endpoint.host, response.status, response.text
+            )),
+            Err(e) => Some(format!("POST /api/broadcast to {}: {e:#}", target.endpoint.host)),
+        };
+        match failure {
+            None => outcome.sent += 1,
+            Some(failure) => {
+                outcome.errors += 1;
+                outcome.failure = Some(failure);
+                break;
+            }
+        }
+    }
+    outcome
 }
 
 /// CPU seconds of each process in `pids`, in order.
@@ -1107,14 +1342,22 @@ fn validate(cfg: &FanoutConfig) -> anyhow::Result<()> {
     if cfg.payload > 60 * 1024 {
         bail!("--payload must be at most 61440 bytes (the server's default frame limit is 64 KiB)");
     }
+    if cfg.broadcasts > MAX_BROADCASTS {
+        bail!("--broadcasts must be at most {MAX_BROADCASTS}");
+    }
+    if !(0.0..=MAX_BROADCAST_INTERVAL_SECS).contains(&cfg.broadcast_interval) {
+        bail!("--broadcast-interval must be between 0 and {MAX_BROADCAST_INTERVAL_SECS} seconds");
+    }
     Ok(())
 }
 
-/// What subscribers learn once publishing has stopped.
+/// What subscribers learn once publishing (and broadcasting) has stopped.
 #[derive(Debug, Clone)]
 struct Finals {
     /// Per room, the highest acknowledged offset.
     top_offsets: Arc<Vec<u64>>,
+    /// Broadcasts the server accepted: every subscriber should receive this many.
+    broadcasts: u64,
     /// Subscribers stop waiting for missing publications at this instant.
     deadline: Instant,
 }
@@ -1126,6 +1369,8 @@ struct SubscriberReport {
     lost: u64,
     out_of_order: u64,
     last_delivery_ns: u64,
+    /// This run's broadcasts received.
+    broadcasts: u64,
     /// Why the connection ended before the subscriber was done, if it did.
     ended_early: Option<String>,
 }
@@ -1143,7 +1388,7 @@ struct Subscriber {
     ready: mpsc::Sender<Result<(), String>>,
     finals: watch::Receiver<Option<Finals>>,
     counters: Arc<Counters>,
-    latency: Arc<SharedLatency>,
+    records: Arc<SharedRecords>,
 }
 
 impl Subscriber {
@@ -1172,7 +1417,7 @@ impl Subscriber {
         let mut ws = joined.ws;
         let mut check = DeliveryCheck::new(
             joined.offset,
-            self.latency.clone(),
+            self.records.clone(),
             SharedLatency::slot(self.node, self.index),
         );
         let ended_early = check
@@ -1198,32 +1443,61 @@ impl Subscriber {
             lost: check.lost,
             out_of_order: check.out_of_order,
             last_delivery_ns: check.last_delivery_ns,
+            broadcasts: check.broadcasts,
             ended_early: ended_early.map(|e| format!("{e:#}")),
         })
     }
 }
 
-/// Offset and latency bookkeeping of one subscriber in one room.
+/// Offset, broadcast and latency bookkeeping of one subscriber in one room.
 struct DeliveryCheck {
     next_offset: u64,
     deliveries: u64,
     lost: u64,
     out_of_order: u64,
-    latency: Arc<SharedLatency>,
+    /// This run's broadcasts received.
+    broadcasts: u64,
+    records: Arc<SharedRecords>,
     latency_slot: usize,
     last_delivery_ns: u64,
 }
 
 impl DeliveryCheck {
-    fn new(joined_offset: u64, latency: Arc<SharedLatency>, latency_slot: usize) -> Self {
+    fn new(joined_offset: u64, records: Arc<SharedRecords>, latency_slot: usize) -> Self {
         DeliveryCheck {
             next_offset: joined_offset + 1,
             deliveries: 0,
             lost: 0,
             out_of_order: 0,
-            latency,
+            broadcasts: 0,
+            records,
             latency_slot,
             last_delivery_ns: 0,
+        }
+    }
+
+    /// Takes one frame: a publication of the room, a broadcast of this run, or anything else
+    /// (ignored). Scans bytes only; allocates nothing.
+    fn frame(&mut self, frame: &[u8], received_ns: u64) {
+        match scan::frame_kind(frame) {
+            FrameKind::Message => {
+                if let Some(offset) = scan::offset(frame) {
+                    self.delivered(offset, scan::sent_ns(frame), received_ns);
+                }
+            }
+            FrameKind::System if self.records.run_marker.find(frame).is_some() => {
+                self.broadcast(scan::sent_ns(frame), received_ns);
+            }
+            _ => {}
+        }
+    }
+
+    fn broadcast(&mut self, sent_ns: Option<u64>, received_ns: u64) {
+        self.broadcasts += 1;
+        if let Some(sent) = sent_ns {
+            self.records
+                .broadcast_latency
+                .record(self.latency_slot, received_ns.saturating_sub(sent));
         }
     }
 
@@ -1231,7 +1505,8 @@ impl DeliveryCheck {
         self.deliveries += 1;
         self.last_delivery_ns = received_ns;
         if let Some(sent) = sent_ns {
-            self.latency
+            self.records
+                .latency
                 .record(self.latency_slot, received_ns.saturating_sub(sent));
         }
         if offset == self.next_offset {
@@ -1244,8 +1519,9 @@ impl DeliveryCheck {
         }
     }
 
-    /// Receives until the room's final offset arrived or the drain deadline passed. An error means
-    /// the connection ended first; what it missed is counted as lost either way.
+    /// Receives until the room's final offset and every broadcast arrived, or the drain deadline
+    /// passed. An error means the connection ended first; what it missed is counted as lost either
+    /// way.
     async fn receive(
         &mut self,
         ws: &mut WsConnection,
@@ -1253,20 +1529,15 @@ impl DeliveryCheck {
         room: usize,
         counters: &Counters,
     ) -> anyhow::Result<()> {
-        let mut target: Option<(u64, Instant)> = None;
+        // (final offset of the room, broadcasts sent, drain deadline)
+        let mut target: Option<(u64, u64, Instant)> = None;
         loop {
             let received_ns = now_ns();
-            let deliveries_before = self.deliveries;
+            let received_before = self.deliveries + self.broadcasts;
             let mut closed = None;
             loop {
                 match ws.next_frame() {
-                    Ok(Some(Incoming::Message(frame))) => {
-                        if scan::frame_kind(frame) == FrameKind::Message
-                            && let Some(offset) = scan::offset(frame)
-                        {
-                            self.delivered(offset, scan::sent_ns(frame), received_ns);
-                        }
-                    }
+                    Ok(Some(Incoming::Message(frame))) => self.frame(frame, received_ns),
                     Ok(Some(Incoming::Closed { code })) => {
                         closed = Some(anyhow::anyhow!("closed by the server with code {code:?}"));
                         break;
@@ -1278,19 +1549,20 @@ impl DeliveryCheck {
                     }
                 }
             }
-            counters.messages(self.deliveries - deliveries_before);
+            counters.messages(self.deliveries + self.broadcasts - received_before);
             if let Some(e) = closed {
                 break Err(e);
             }
-            if let Some((top, _)) = target
+            if let Some((top, broadcasts, _)) = target
                 && self.next_offset > top
+                && self.broadcasts >= broadcasts
             {
                 break Ok(());
             }
             if let Err(e) = ws.flush().await {
                 break Err(e);
             }
-            let deadline = target.map(|(_, deadline)| deadline);
+            let deadline = target.map(|(_, _, deadline)| deadline);
             tokio::select! {
                 read = ws.fill() => match read {
                     Ok(0) => break Err(anyhow::anyhow!("the connection ended")),
@@ -1302,7 +1574,7 @@ impl DeliveryCheck {
                         break Err(anyhow::anyhow!("the scenario ended"));
                     }
                     if let Some(finals) = finals.borrow_and_update().as_ref() {
-                        target = Some((finals.top_offsets[room], finals.deadline));
+                        target = Some((finals.top_offsets[room], finals.broadcasts, finals.deadline));
                     }
                 }
                 _ = sleep_until_opt(deadline) => break Ok(()),
@@ -1599,14 +1871,164 @@ mod tests {
 
     #[test]
     fn gaps_and_reorders_are_counted() {
-        let latency = Arc::new(SharedLatency::new(2));
-        let mut check = DeliveryCheck::new(0, latency.clone(), SharedLatency::slot(1, 3));
+        let records = Arc::new(SharedRecords::new(2, "r1"));
+        let mut check = DeliveryCheck::new(0, records.clone(), SharedLatency::slot(1, 3));
         for offset in [1, 2, 4, 3, 5] {
             check.delivered(offset, Some(0), 10);
         }
         assert_eq!((check.deliveries, check.lost, check.out_of_order), (5, 1, 1));
-        assert_eq!(latency.node(0).count(), 0);
-        assert_eq!(latency.node(1).count(), 5);
+        assert_eq!(records.latency.node(0).count(), 0);
+        assert_eq!(records.latency.node(1).count(), 5);
+        assert_eq!(records.broadcast_latency.node(1).count(), 0);
+    }
+
+    #[test]
+    fn this_runs_broadcasts_are_counted_apart_from_publications() {
+        let records = Arc::new(SharedRecords::new(2, "abc1"));
+        let mut check = DeliveryCheck::new(0, records.clone(), SharedLatency::slot(1, 0));
+        // A system frame as the server writes it for `POST /api/broadcast` with this body.
+        let system = |run: &str, seq: u64, sent_ns: u64| {
+            let data = broadcast_body(run, seq, sent_ns)["data"].to_string();
+            format!(r#"{{"type":"system","data":{data},"ts":1795771301859}}"#)
+        };
+        check.frame(system("abc1", 1, 1_000).as_bytes(), 3_000);
+        check.frame(
+            br#"{"type":"message","room":"r","offset":1,"data":{"sent_ns":5},"ts":1}"#,
+            10,
+        );
+        check.frame(system("abc12", 2, 1_000).as_bytes(), 3_000);
+        check.frame(br#"{"type":"system","data":{"notice":"hi all"},"ts":1}"#, 3_000);
+        check.frame(system("abc1", 2, 2_000).as_bytes(), 2_500);
+        assert_eq!((check.broadcasts, check.deliveries, check.lost), (2, 1, 0));
+        let broadcasts = records.broadcast_latency.node(1);
+        assert_eq!(broadcasts.count(), 2);
+        assert_eq!(broadcasts.max(), 2_000);
+        assert_eq!(records.latency.node(1).count(), 1);
+        assert_eq!(records.broadcast_latency.node(0).count(), 0);
+    }
+
+    #[test]
+    fn broadcast_tallies_merge_like_the_others() {
+        let tally = |deliveries: u64, all: usize, latencies: &[u64]| {
+            let mut latency = Histogram::new();
+            for &nanos in latencies {
+                latency.record(nanos);
+            }
+            SubscribersFinished {
+                nodes: vec![NodeTally {
+                    subscribers: 2,
+                    broadcast_deliveries: deliveries,
+                    subscribers_all_broadcasts: all,
+                    broadcast_latency: latency,
+                    ..NodeTally::default()
+                }],
+                ..SubscribersFinished::default()
+            }
+        };
+        let mut merged = SubscribersFinished::default();
+        for share in [tally(4, 2, &[10, 20]), tally(3, 1, &[30])] {
+            // As it comes back from a worker process.
+            let wire: SubscribersFinished =
+                serde_json::from_value(serde_json::to_value(&share).unwrap()).unwrap();
+            merged.merge(&wire);
+        }
+        let node = &merged.nodes[0];
+        assert_eq!(
+            (
+                node.subscribers,
+                node.broadcast_deliveries,
+                node.subscribers_all_broadcasts
+            ),
+            (4, 7, 3)
+        );
+        assert_eq!(node.broadcast_latency.count(), 3);
+        assert_eq!(node.broadcast_latency.max(), 30);
+    }
+
+    /// Reads one HTTP/1.1 request (head and `content-length` body) as text.
+    async fn read_request(stream: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut request = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&request).into_owned();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let length = text[..head_end]
+                    .lines()
+                    .find_map(|line| {
+                        line.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(str::to_string)
+                    })
+                    .and_then(|value| value.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if request.len() >= head_end + 4 + length {
+                    return text;
+                }
+            }
+            let read = stream.read(&mut chunk).await.unwrap();
+            assert!(read > 0, "the request ended early");
+            request.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    #[tokio::test]
+    async fn broadcasts_carry_the_key_and_stop_at_the_first_failure() {
+        use tokio::io::AsyncWriteExt as _;
+        // A stand-in for the HTTP API: accepts the first broadcast, refuses the second.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let api = tokio::spawn(async move {
+            let mut requests = Vec::new();
+            for answer in ["200 OK", "503 Service Unavailable"] {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                requests.push(read_request(&mut stream).await);
+                let response = format!(
+                    "HTTP/1.1 {answer}\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{{\"ok\":true}}"
+                );
+                stream.write_all(response.as_bytes()).await.unwrap();
+            }
+            requests
+        });
+        let nodes = Nodes::resolve(&[url], false, 1).await.unwrap();
+        let before = now_ns();
+        let outcome = send_broadcasts(nodes.node(0), Some("k123"), "ab12", 3, Duration::ZERO).await;
+        assert_eq!((outcome.sent, outcome.errors), (1, 1), "{outcome:?}");
+        assert!(outcome.failure.unwrap().contains("503"));
+        let requests = api.await.unwrap();
+        for (seq, request) in requests.iter().enumerate() {
+            assert!(request.starts_with("POST /api/broadcast "), "{request}");
+            assert!(
+                request
+                    .to_ascii_lowercase()
+                    .contains("authorization: bearer k123"),
+                "{request}"
+            );
+            let body: serde_json::Value =
+                serde_json::from_str(request.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            assert_eq!(body["data"][BROADCAST_RUN_KEY], "ab12");
+            assert_eq!(body["data"][BROADCAST_SEQ_KEY], seq as u64 + 1);
+            assert!(body["data"][SENT_NS_KEY].as_u64().unwrap() >= before);
+        }
+    }
+
+    #[test]
+    fn broadcasts_are_bounded() {
+        let mut cfg = FanoutConfig::new("http://127.0.0.1:1");
+        cfg.broadcasts = 3;
+        assert!(validate(&cfg).is_ok());
+        cfg.broadcasts = MAX_BROADCASTS + 1;
+        assert!(validate(&cfg).is_err());
+        cfg.broadcasts = 3;
+        cfg.broadcast_interval = f64::NAN;
+        assert!(validate(&cfg).is_err());
+        cfg.broadcast_interval = -1.0;
+        assert!(validate(&cfg).is_err());
+        cfg.broadcast_interval = 0.5;
+        assert_eq!(
+            broadcasts_allowance(&cfg),
+            (Duration::from_millis(500) + switchyard_client::DEFAULT_TIMEOUT) * 3
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   connection (given its pid);
 //! - [`run_fanout`]: S subscribers over K rooms and P publishers; report deliveries per second,
 //!   latency percentiles from a timestamp in the payload, lost and out-of-order deliveries per room,
-//!   and the CPU time spent per delivery;
+//!   and the CPU time spent per delivery; with `--broadcasts`, also whether every server broadcast
+//!   reached every subscriber, and its latency;
 //! - [`run_rtt`]: K connections send `ping` and wait for the `pong` with the same `ref`, back to
 //!   back or at a fixed rate; report round-trip latency percentiles and round trips per second;
 //! - [`run_churn`]: keep about K connections open while opening and closing R per second; report

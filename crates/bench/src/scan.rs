@@ -2,13 +2,22 @@
 //! found by searching the raw JSON text, never by decoding it. This relies on the server's encoding
 //! (`{"type":"...", ...}` with `type` first, as `switchyard-proto` writes every frame) and on the
 //! load generator's own payload keys being unique in the frame.
+//!
+//! The fan-out's server broadcasts (`system` frames) carry [`SENT_NS_KEY`] too, plus the run's id
+//! under [`BROADCAST_RUN_KEY`] so that one run counts only its own broadcasts; [`run_marker`] builds
+//! the finder for that once per run, so that recognising a broadcast allocates nothing either.
 
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
 
-/// Key of the send timestamp inside a publication's `data` (ns since the bench process started).
+/// Key of the send timestamp inside a publication's or a broadcast's `data` (absolute
+/// `CLOCK_MONOTONIC` nanoseconds, comparable between the load generator's processes).
 pub const SENT_NS_KEY: &str = "sent_ns";
+/// Key of the run id inside a fan-out broadcast's `data`.
+pub const BROADCAST_RUN_KEY: &str = "bench_run";
+/// Key of the broadcast's sequence number (1, 2, ...) inside a fan-out broadcast's `data`.
+pub const BROADCAST_SEQ_KEY: &str = "broadcast";
 
 static OFFSET: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"offset\":"));
 static SENT_NS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"sent_ns\":"));
@@ -23,6 +32,7 @@ pub enum FrameKind {
     Ack,
     Error,
     Pong,
+    System,
     Other,
 }
 
@@ -40,6 +50,7 @@ pub fn frame_kind(frame: &[u8]) -> FrameKind {
         b"welcome" => FrameKind::Welcome,
         b"error" => FrameKind::Error,
         b"pong" => FrameKind::Pong,
+        b"system" => FrameKind::System,
         _ => FrameKind::Other,
     }
 }
@@ -62,6 +73,12 @@ pub fn has_ref(frame: &[u8]) -> bool {
 /// The `"ref":` of a reply, when it is an unsigned integer (the load generator's refs always are).
 pub fn reference(frame: &[u8]) -> Option<u64> {
     integer_after(frame, &REF)
+}
+
+/// A finder for `"bench_run":"<run_id>"`, the mark of run `run_id`'s broadcasts (`run_id` must need
+/// no JSON escaping, as the load generator's hex run ids do not).
+pub fn run_marker(run_id: &str) -> Finder<'static> {
+    Finder::new(format!(r#""{BROADCAST_RUN_KEY}":"{run_id}""#).as_bytes()).into_owned()
 }
 
 fn integer_after(frame: &[u8], key: &Finder<'_>) -> Option<u64> {
@@ -99,5 +116,21 @@ mod tests {
         assert_eq!(frame_kind(pong), FrameKind::Pong);
         assert_eq!(reference(pong), Some(u64::MAX));
         assert_eq!(reference(br#"{"type":"pong","ref":"a1"}"#), None);
+    }
+
+    #[test]
+    fn recognises_this_runs_broadcasts() {
+        // As the server sends `POST /api/broadcast {"data": ...}` (keys in serde_json's order).
+        let data = serde_json::json!({ BROADCAST_RUN_KEY: "ab12", BROADCAST_SEQ_KEY: 2, SENT_NS_KEY: 99 });
+        let frame = format!(r#"{{"type":"system","data":{data},"ts":1795771301859}}"#);
+        let frame = frame.as_bytes();
+        assert_eq!(frame_kind(frame), FrameKind::System);
+        assert!(run_marker("ab12").find(frame).is_some());
+        assert!(run_marker("ab1").find(frame).is_none());
+        assert!(run_marker("ab123").find(frame).is_none());
+        assert_eq!(sent_ns(frame), Some(99));
+        let other = br#"{"type":"system","data":{"notice":"hi all"},"ts":1}"#;
+        assert_eq!(frame_kind(other), FrameKind::System);
+        assert!(run_marker("ab12").find(other).is_none());
     }
 }

@@ -7,7 +7,8 @@
 //! The conversation runs over the worker's stdin and stdout, one JSON document per line:
 //!
 //! - parent → worker: first a [`WorkerSpec`] (the scenario and the share), then
-//!   [`ParentCommand`]s (`go`, `stop`, the fan-out's final offsets) at the scenario's barriers;
+//!   [`ParentCommand`]s (`go`, `stop`, the fan-out's final offsets and broadcast count) at the
+//!   scenario's barriers;
 //! - worker → parent: lines that carry [`WORKER_LINE_PREFIX`] (anything else on stdout, and
 //!   anything before the prefix on its line, is ignored): progress counters twice a second, a named phase result at each barrier (counts and
 //!   histogram buckets, never percentiles, so the parent can merge them), or a failure.
@@ -155,8 +156,14 @@ pub enum ParentCommand {
     Go,
     /// Close every connection and send the final report (idle, churn).
     Stop,
-    /// Fan-out: publishing is over; receive up to these offsets (per room) for at most `drain_secs`.
-    Finals { top_offsets: Vec<u64>, drain_secs: f64 },
+    /// Fan-out: publishing (and broadcasting) is over; receive up to these offsets (per room) and
+    /// `broadcasts` server broadcasts, for at most `drain_secs`.
+    Finals {
+        top_offsets: Vec<u64>,
+        drain_secs: f64,
+        #[serde(default)]
+        broadcasts: u64,
+    },
 }
 
 /// One protocol line of a worker.
@@ -555,12 +562,13 @@ mod tests {
         let command = ParentCommand::Finals {
             top_offsets: vec![3, 4],
             drain_secs: 1.5,
+            broadcasts: 2,
         };
         let line = serde_json::to_string(&command).unwrap();
         assert!(line.contains(r#""command":"finals""#), "{line}");
         assert!(matches!(
             serde_json::from_str::<ParentCommand>(&line).unwrap(),
-            ParentCommand::Finals { .. }
+            ParentCommand::Finals { broadcasts: 2, .. }
         ));
         let line = serde_json::to_string(&WorkerLine::Failed { message: "x".into() }).unwrap();
         assert_eq!(line, r#"{"kind":"failed","message":"x"}"#);

@@ -1,9 +1,10 @@
 //! Smoke test of the load generator against the real server binary: a small `idle` ramp, a short
-//! fixed-rate `fanout`, the same fan-out over two nodes on one Redis (several `--url`), short
-//! `rtt` and `churn` runs, and every scenario spread over worker processes at a tiny per-process
-//! limit. It asserts behaviour only (every connection established, nothing lost or reordered,
-//! every publication delivered to every subscriber of its room, on every node, every pong matched,
-//! the churn's counts adding up), never timings.
+//! fixed-rate `fanout` (also with server broadcasts), the same fan-out over two nodes on one Redis
+//! (several `--url`), short `rtt` and `churn` runs, and every scenario spread over worker processes
+//! at a tiny per-process limit. It asserts behaviour only (every connection established, nothing
+//! lost or reordered, every publication delivered to every subscriber of its room, every broadcast
+//! to every subscriber, on every node and in every worker process, every pong matched, the churn's
+//! counts adding up), never timings.
 //!
 //! The worker processes of these tests are this test binary itself, started with a filter that
 //! runs only [`bench_worker_process_entry`] (which serves the worker side when
@@ -16,8 +17,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use switchyard_bench::{
-    ChurnConfig, FanoutConfig, IdleConfig, Lifetimes, PublishRate, RttConfig, WorkerCommand, WorkerOptions,
-    run_churn, run_fanout, run_idle, run_rtt,
+    ChurnConfig, FanoutConfig, FanoutReport, IdleConfig, Lifetimes, PublishRate, RttConfig, WorkerCommand,
+    WorkerOptions, run_churn, run_fanout, run_idle, run_rtt,
 };
 use switchyard_testkit::redis::RedisProcess;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -128,6 +129,89 @@ async fn fanout_delivers_everything_in_order() {
     assert_eq!(report.ack_latency.samples, report.acknowledged);
 }
 
+/// The report as `switchyard-bench fanout --json` prints it: one JSON line, read back.
+fn json_line(report: &FanoutReport) -> serde_json::Value {
+    let line = serde_json::to_string(report).unwrap();
+    assert!(!line.contains('\n'));
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Asserts from the JSON line that `broadcasts` broadcasts were sent and that each reached every
+/// one of the `subscribers` subscribers, with a latency sample per delivery.
+fn assert_every_broadcast_delivered(json: &serde_json::Value, broadcasts: u64, subscribers: u64) {
+    assert_eq!(json["broadcasts"], broadcasts, "{json}");
+    assert_eq!(json["broadcasts_sent"], broadcasts, "{json}");
+    assert_eq!(json["broadcast_errors"], 0, "{json}");
+    assert_eq!(json["subscribers_connected"], subscribers, "{json}");
+    assert_eq!(
+        json["expected_broadcast_deliveries"],
+        broadcasts * subscribers,
+        "{json}"
+    );
+    assert_eq!(
+        json["broadcast_deliveries"], json["expected_broadcast_deliveries"],
+        "{json}"
+    );
+    assert_eq!(json["subscribers_all_broadcasts"], subscribers, "{json}");
+    assert_eq!(
+        json["broadcast_latency"]["samples"],
+        broadcasts * subscribers,
+        "{json}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_broadcasts_reach_every_subscriber() {
+    let server = Server::start().await;
+    let mut cfg = FanoutConfig::new(server.url());
+    cfg.subscribers = 6;
+    cfg.rooms = 2;
+    cfg.publishers = 1;
+    cfg.rate = PublishRate::PerSecond(20.0);
+    cfg.duration = 0.5;
+    cfg.payload = 64;
+    cfg.sessions = 2;
+    cfg.broadcasts = 2;
+    cfg.broadcast_interval = 0.05;
+    let report = run_fanout(cfg).await.unwrap();
+    let json = json_line(&report);
+    assert_every_broadcast_delivered(&json, 2, 6);
+    // The broadcasts do not count as publications, nor disturb their checks.
+    assert_eq!((report.lost, report.out_of_order), (0, 0), "{report}");
+    assert_eq!(report.deliveries, report.publications * 3, "{report}");
+    assert_eq!(report.latency.samples, report.deliveries, "{report}");
+    assert_eq!(json["nodes"][0]["broadcast_deliveries"], 12, "{json}");
+    assert_eq!(json["nodes"][0]["expected_broadcast_deliveries"], 12, "{json}");
+    assert_eq!(json["nodes"][0]["subscribers_all_broadcasts"], 6, "{json}");
+    assert!(
+        report
+            .to_string()
+            .contains("6 of 6 subscribers received every one"),
+        "{report}"
+    );
+
+    // Without --broadcasts, the broadcast fields are all zero.
+    let mut cfg = FanoutConfig::new(server.url());
+    cfg.subscribers = 2;
+    cfg.rate = PublishRate::PerSecond(20.0);
+    cfg.duration = 0.2;
+    cfg.sessions = 1;
+    let report = run_fanout(cfg).await.unwrap();
+    let json = json_line(&report);
+    for field in [
+        "broadcasts",
+        "broadcasts_sent",
+        "broadcast_errors",
+        "broadcast_deliveries",
+        "expected_broadcast_deliveries",
+        "subscribers_all_broadcasts",
+    ] {
+        assert_eq!(json[field], 0, "{field}: {json}");
+    }
+    assert_eq!(json["broadcast_latency"]["samples"], 0, "{json}");
+    assert!(!report.to_string().contains("broadcast"), "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_over_two_nodes_on_one_redis() {
     let redis = RedisProcess::start().await;
@@ -149,7 +233,17 @@ async fn fanout_over_two_nodes_on_one_redis() {
     cfg.payload = 64;
     cfg.sessions = 3;
     cfg.server_pid = nodes.iter().map(Server::pid).collect();
+    // Sent through the first node only: Redis must carry it to the second node's subscribers.
+    cfg.broadcasts = 1;
     let report = run_fanout(cfg).await.unwrap();
+    let json = json_line(&report);
+    assert_every_broadcast_delivered(&json, 1, 12);
+    for node in json["nodes"].as_array().unwrap() {
+        assert_eq!(node["broadcast_deliveries"], 6, "{json}");
+        assert_eq!(node["expected_broadcast_deliveries"], 6, "{json}");
+        assert_eq!(node["subscribers_all_broadcasts"], 6, "{json}");
+        assert_eq!(node["broadcast_latency"]["samples"], 6, "{json}");
+    }
     assert_eq!(report.subscribers_connected, 12, "{report}");
     assert_eq!(report.subscribers_dropped, 0, "{report}");
     assert_eq!(report.publish_errors, 0, "{report}");
@@ -369,7 +463,10 @@ async fn scenarios_spread_over_worker_processes() {
     fanout.payload = 64;
     fanout.sessions = 2;
     fanout.workers = test_workers(3);
+    fanout.broadcasts = 1;
     let report = run_fanout(fanout).await.unwrap();
+    // Counted in two worker processes and merged here.
+    assert_every_broadcast_delivered(&json_line(&report), 1, 6);
     assert_eq!(report.worker_processes, 2, "{report}");
     assert_eq!(report.subscribers_connected, 6, "{report}");
     assert!(report.publications > 0, "{report}");
