@@ -125,6 +125,9 @@ pub struct Config {
     pub ws_read_buffer_bytes: usize,
     /// Bytes buffered before a write reaches the socket (writes are flushed once per burst anyway).
     pub ws_write_buffer_bytes: usize,
+    /// Wait this long after a frame is queued for an idle connection before writing, so frames that
+    /// follow join the same write (0: write at once).
+    pub write_delay_ms: u64,
 
     pub ping_interval_secs: u64,
     pub idle_timeout_secs: u64,
@@ -177,6 +180,7 @@ impl Default for Config {
             recovery_max_bytes: node.recovery_max_bytes,
             ws_read_buffer_bytes: 512,
             ws_write_buffer_bytes: 16 * 1024,
+            write_delay_ms: 0,
             ping_interval_secs: node.ping_interval_ms / 1000,
             idle_timeout_secs: node.idle_timeout_ms / 1000,
             auth_timeout_secs: 10,
@@ -262,6 +266,12 @@ impl Config {
             anyhow::bail!(
                 "invalid configuration: `max_message_bytes` must be at least 128 (got {})",
                 self.max_message_bytes
+            );
+        }
+        if self.write_delay_ms > 1000 {
+            anyhow::bail!(
+                "invalid configuration: `write_delay_ms` must be at most 1000 (got {}); it adds to every delivery's latency",
+                self.write_delay_ms
             );
         }
         if self.queue_max_bytes < self.max_message_bytes {
@@ -437,6 +447,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("queue_capacity"), "{err}");
+        std::fs::write(&path, "write_delay_ms = 5000\n").unwrap();
+        let err = Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("write_delay_ms"), "{err}");
         std::fs::write(&path, "listen = \"0.0.0.0:9000\"\n").unwrap();
         let err = Config::load(Some(&path), &Overrides::default())
             .unwrap_err()

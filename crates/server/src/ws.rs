@@ -288,6 +288,8 @@ async fn connection(
         protocol: &protocol,
         ws,
         state: PumpState::Idle,
+        write_delay: state.write_delay(),
+        write_due: None,
     };
     let close = std::future::poll_fn(|cx| pump.poll(cx)).await;
     let ws = pump.ws;
@@ -403,6 +405,9 @@ struct Pump<'a> {
     protocol: &'a Protocol,
     ws: Socket,
     state: PumpState<'a>,
+    write_delay: Duration,
+    /// When the frames queued now are written (set while the write delay runs).
+    write_due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum PumpState<'a> {
@@ -484,16 +489,22 @@ impl Pump<'_> {
                     // busy room (it receives its room's messages too) is thereby held to the pace at
                     // which it can take the room's traffic, through TCP flow control.
                     if self.conn.queue.poll_ready(cx).is_ready() {
-                        let batch = self.conn.queue.take();
-                        if batch.aborted {
-                            return Poll::Ready(batch.close);
-                        }
-                        self.conn.write_started(self.node.clock.now_ms());
-                        self.state = PumpState::Writing {
-                            frames: batch.frames,
-                            close: batch.close,
+                        let due = if self.write_delay.is_zero() {
+                            true
+                        } else {
+                            let delay = self.write_delay;
+                            let due = self
+                                .write_due
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+                            due.as_mut().poll(cx).is_ready()
                         };
-                        continue;
+                        if due {
+                            self.write_due = None;
+                            if let Some(close) = self.start_write() {
+                                return Poll::Ready(close);
+                            }
+                            continue;
+                        }
                     }
                     let message = match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
                         None => return Poll::Ready(None),
@@ -526,6 +537,21 @@ impl Pump<'_> {
                 }
             }
         }
+    }
+
+    /// Takes everything queued and starts writing it; `Some` when the queue was aborted instead (the
+    /// connection ends with that reason).
+    fn start_write(&mut self) -> Option<Option<CloseReason>> {
+        let batch = self.conn.queue.take();
+        if batch.aborted {
+            return Some(batch.close);
+        }
+        self.conn.write_started(self.node.clock.now_ms());
+        self.state = PumpState::Writing {
+            frames: batch.frames,
+            close: batch.close,
+        };
+        None
     }
 
     /// Starts handling one text frame.

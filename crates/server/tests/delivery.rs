@@ -325,3 +325,19 @@ async fn a_write_blocked_longer_than_the_write_timeout_closes_with_4008() {
     assert_eq!(code, Some(4008));
     assert!(reason.contains("write timed out"), "{reason}");
 }
+
+#[tokio::test]
+async fn a_write_delay_still_delivers_everything_in_order_and_acks_every_publish() {
+    let server = Server::start(&[("SWITCHYARD_WRITE_DELAY_MS", "30")]).await;
+    let (mut alice, _) = server.connect("alice").await;
+    let (mut bob, _) = server.connect("bob").await;
+    alice.join("r", None).await.unwrap();
+    bob.join("r", None).await.unwrap();
+    for n in 1..=20u64 {
+        let offset = bob.publish("r", json!(n), None).await.unwrap();
+        assert_eq!(offset, n, "each publish is acknowledged with its offset");
+    }
+    for n in 1..=20u64 {
+        assert_eq!(next_message(&mut alice).await, (n, json!(n)));
+    }
+}
