@@ -1,7 +1,9 @@
 //! The WebSocket transport: the handshake (on top of axum routing, so that buffer sizes and errors
 //! stay under our control), the first-frame authentication, and one task per connection that moves
 //! frames between the socket and the node: it reads and handles client frames, and writes what the
-//! connection's queue holds, all queued frames in one flush.
+//! connection's queue holds, all queued frames in one flush. With `write_delay_ms` set, a write
+//! waits that long after its first frame was queued, so that the frames following it share the
+//! flush; the connection keeps reading client requests meanwhile.
 
 use std::collections::HashMap;
 use std::future::Future;
