@@ -19,6 +19,9 @@ enum State {
     HalfOpen { probing: bool },
 }
 
+/// A background call's deadline, in response timeouts.
+const BACKGROUND_TIMEOUT_FACTOR: u32 = 4;
+
 pub struct Breaker {
     state: Mutex<State>,
     failures: u32,
@@ -115,6 +118,40 @@ impl Breaker {
         }
     }
 
+    /// Runs one call that no client waits on (the clean-up of a closed connection) under the
+    /// deadline. It fails fast unless the breaker is closed (it never probes), and neither its
+    /// failures nor its successes move the breaker: when thousands of clients leave at once, their
+    /// clean-ups time out because Redis is busy, not unwell, and must not cut off the live clients'
+    /// requests; a real outage opens the breaker through those requests and the node's own checks.
+    pub async fn call_background<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BackendError> {
+        if !matches!(*self.state.lock(), State::Closed { .. }) {
+            return Err(BackendError::Unavailable(
+                "redis circuit open: failing fast after repeated errors".into(),
+            ));
+        }
+        // Nobody waits on these, and under a burst they queue: a longer deadline saves work that
+        // would otherwise be lost to a timeout and left to expire.
+        match tokio::time::timeout(self.timeout * BACKGROUND_TIMEOUT_FACTOR, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_infrastructure(&e) => {
+                self.metrics.backend_errors.inc();
+                Err(BackendError::Unavailable(format!("redis {what}: {e}")))
+            }
+            Ok(Err(e)) => Err(BackendError::Corrupt(format!("redis {what}: {e}"))),
+            Err(_) => {
+                self.metrics.backend_errors.inc();
+                Err(BackendError::Unavailable(format!(
+                    "redis {what}: no answer within {:?}",
+                    self.timeout * BACKGROUND_TIMEOUT_FACTOR
+                )))
+            }
+        }
+    }
+
     /// Runs one Redis call under the breaker and the deadline.
     pub async fn call<T>(
         &self,
@@ -146,5 +183,61 @@ impl Breaker {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn refused() -> redis::RedisError {
+        redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }
+
+    #[tokio::test]
+    async fn background_failures_do_not_open_the_breaker_but_respect_an_open_one() {
+        let breaker = Breaker::new(
+            1,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            Arc::new(Metrics::new()),
+        );
+        for _ in 0..5 {
+            let failed = breaker
+                .call_background("clean up", async { Err::<(), _>(refused()) })
+                .await;
+            assert!(matches!(failed, Err(BackendError::Unavailable(_))));
+        }
+        assert!(
+            !breaker.is_open(),
+            "clean-up failures alone leave the breaker closed"
+        );
+        assert_eq!(
+            breaker
+                .call_background("clean up", async { Ok::<_, redis::RedisError>(7) })
+                .await
+                .unwrap(),
+            7
+        );
+
+        let failed = breaker.call("publish", async { Err::<(), _>(refused()) }).await;
+        assert!(matches!(failed, Err(BackendError::Unavailable(_))));
+        assert!(
+            breaker.is_open(),
+            "a live request's failure opens it (threshold 1)"
+        );
+        let polled = std::sync::atomic::AtomicBool::new(false);
+        let result = breaker
+            .call_background("clean up", async {
+                polled.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, redis::RedisError>(())
+            })
+            .await;
+        assert!(matches!(result, Err(BackendError::Unavailable(_))));
+        assert!(
+            !polled.load(std::sync::atomic::Ordering::Relaxed),
+            "an open breaker fails the clean-up fast, without calling Redis"
+        );
     }
 }

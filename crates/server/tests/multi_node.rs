@@ -327,3 +327,49 @@ async fn a_session_is_disconnected_only_when_its_last_connection_on_any_node_clo
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn many_clients_leaving_at_once_leave_presence_and_sessions_clean() {
+    let redis = RedisProcess::start().await;
+    let nodes = nodes(&redis, 1).await;
+    let node = &nodes[0];
+    let mut clients = Vec::new();
+    let mut sessions = Vec::new();
+    for i in 0..300 {
+        let (mut client, session) = node.connect(&format!("crowd{i}")).await;
+        client.join("crowd", None).await.unwrap();
+        clients.push(client);
+        sessions.push(session);
+    }
+    let users = node.http.get("/api/rooms/crowd/presence").await.unwrap().body["users"].clone();
+    assert_eq!(users.as_array().unwrap().len(), 300);
+    let closing: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(async move { client.close().await }))
+        .collect();
+    for close in closing {
+        close.await.unwrap().unwrap();
+    }
+    // The gauge drops once a close has finished its clean-up (presence, session status).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node.metric("websocket_active_connections").await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "every close finishes");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let users = node.http.get("/api/rooms/crowd/presence").await.unwrap().body["users"].clone();
+    assert_eq!(users, json!([]), "nobody is left present");
+    for session in &sessions {
+        let body = node
+            .http
+            .get(&format!("/api/sessions/{session}"))
+            .await
+            .unwrap()
+            .body;
+        assert_eq!(body["status"], "disconnected", "{session}: {body}");
+    }
+    let metrics = node.http.get("/metrics").await.unwrap().text;
+    assert!(
+        metrics.contains("switchyard_backend_errors_total 0"),
+        "no clean-up failed:\n{metrics}"
+    );
+}
