@@ -107,6 +107,9 @@ pub struct ChurnConfig {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+    /// API key of the HTTP API (creating sessions), sent as `Authorization: Bearer`
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     #[command(flatten)]
     pub workers: WorkerOptions,
 }
@@ -135,6 +138,7 @@ impl ChurnConfig {
             read_buffer: 1024,
             connect_timeout: 10.0,
             allow_remote: false,
+            api_key: None,
             workers: WorkerOptions::default(),
         }
     }
@@ -801,7 +805,13 @@ pub async fn run_churn(cfg: ChurnConfig) -> anyhow::Result<ChurnReport> {
         .map(|k| format!("bench-churn-{run_id}-{k}"))
         .collect();
     let session_count = cfg.sessions.max(1);
-    let sessions = create_sessions(&nodes, &format!("bench-churn-{run_id}"), session_count).await?;
+    let sessions = create_sessions(
+        &nodes,
+        &format!("bench-churn-{run_id}"),
+        session_count,
+        cfg.api_key.as_deref(),
+    )
+    .await?;
     let cpu_before = procfs::own_cpu_secs()?;
     let progress = Progress::start("churn: filling", "messages");
     let shares: Vec<ChurnShare> = split_range(0, cfg.connections, processes)

@@ -34,7 +34,6 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
-use switchyard_client::Http;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -155,7 +154,7 @@ pub struct FanoutConfig {
     /// Seconds from one broadcast to the next
     #[arg(long, default_value_t = 0.2)]
     pub broadcast_interval: f64,
-    /// API key of the HTTP API, sent as `Authorization: Bearer` with the broadcasts
+    /// API key of the HTTP API (sessions, room offsets, broadcasts), sent as `Authorization: Bearer`
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     #[command(flatten)]
@@ -886,8 +885,20 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     let room_names: Arc<Vec<String>> =
         Arc::new((0..cfg.rooms).map(|k| format!("bench-{run_id}-{k}")).collect());
     let session_count = cfg.sessions.clamp(1, cfg.subscribers);
-    let subscriber_sessions = create_sessions(&nodes, &format!("bench-sub-{run_id}"), session_count).await?;
-    let publisher_sessions = create_sessions(&nodes, &format!("bench-pub-{run_id}"), cfg.publishers).await?;
+    let subscriber_sessions = create_sessions(
+        &nodes,
+        &format!("bench-sub-{run_id}"),
+        session_count,
+        cfg.api_key.as_deref(),
+    )
+    .await?;
+    let publisher_sessions = create_sessions(
+        &nodes,
+        &format!("bench-pub-{run_id}"),
+        cfg.publishers,
+        cfg.api_key.as_deref(),
+    )
+    .await?;
     let connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
     let mut failure_samples = Vec::new();
     let progress = Progress::start("fanout: subscribing", "deliveries");
@@ -997,7 +1008,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     // Room k's offsets are read from node k (any node answers the same on a shared backend).
     let mut base_offsets = Vec::with_capacity(cfg.rooms);
     for (room, name) in room_names.iter().enumerate() {
-        base_offsets.push(room_offset(nodes.node(room), name).await?);
+        base_offsets.push(room_offset(nodes.node(room), name, cfg.api_key.as_deref()).await?);
     }
     let cpu_before = procfs::own_cpu_secs()?;
     let server_cpu_before = servers_cpu_secs(&cfg.server_pid)?;
@@ -1052,7 +1063,7 @@ pub async fn run_fanout(cfg: FanoutConfig) -> anyhow::Result<FanoutReport> {
     // a dropped publisher never read.
     let mut top_offsets = Vec::with_capacity(cfg.rooms);
     for (room, name) in room_names.iter().enumerate() {
-        let top = room_offset(nodes.node(room), name).await?;
+        let top = room_offset(nodes.node(room), name, cfg.api_key.as_deref()).await?;
         per_room[room].publications = top.saturating_sub(base_offsets[room]);
         top_offsets.push(top);
     }
@@ -1282,10 +1293,7 @@ async fn send_broadcasts(
     count: u64,
     interval: Duration,
 ) -> BroadcastsSent {
-    let mut http = Http::new(target.endpoint.addr);
-    if let Some(key) = api_key {
-        http = http.with_api_key(key);
-    }
+    let http = crate::session::http_client(target, api_key);
     let mut outcome = BroadcastsSent::default();
     let started = Instant::now();
     for seq in 1..=count {

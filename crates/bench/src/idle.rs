@@ -73,6 +73,9 @@ pub struct IdleConfig {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+    /// API key of the HTTP API (creating sessions), sent as `Authorization: Bearer`
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     #[command(flatten)]
     pub workers: WorkerOptions,
 }
@@ -97,6 +100,7 @@ impl IdleConfig {
             read_buffer: 1024,
             connect_timeout: 10.0,
             allow_remote: false,
+            api_key: None,
             workers: WorkerOptions::default(),
         }
     }
@@ -402,7 +406,13 @@ pub async fn run_idle(cfg: IdleConfig) -> anyhow::Result<IdleReport> {
     let run_id = crate::run_id();
     let room = cfg.room.clone().unwrap_or_else(|| format!("bench-idle-{run_id}"));
     let session_count = cfg.sessions.clamp(1, cfg.connections);
-    let sessions = create_sessions(&nodes, &format!("bench-idle-{run_id}"), session_count).await?;
+    let sessions = create_sessions(
+        &nodes,
+        &format!("bench-idle-{run_id}"),
+        session_count,
+        cfg.api_key.as_deref(),
+    )
+    .await?;
     let rss_before = servers_rss_kib(&cfg.server_pid)?;
     let cpu_before = procfs::own_cpu_secs()?;
     let progress = Progress::start("idle: ramping", "messages");

@@ -83,6 +83,9 @@ pub struct RttConfig {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+    /// API key of the HTTP API (creating sessions), sent as `Authorization: Bearer`
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     #[command(flatten)]
     pub workers: WorkerOptions,
 }
@@ -108,6 +111,7 @@ impl RttConfig {
             read_buffer: 1024,
             connect_timeout: 10.0,
             allow_remote: false,
+            api_key: None,
             workers: WorkerOptions::default(),
         }
     }
@@ -627,7 +631,13 @@ pub async fn run_rtt(cfg: RttConfig) -> anyhow::Result<RttReport> {
     let nodes = Nodes::resolve(&cfg.url, cfg.allow_remote, cfg.sources).await?;
     let run_id = crate::run_id();
     let session_count = cfg.sessions.clamp(1, cfg.connections);
-    let sessions = create_sessions(&nodes, &format!("bench-rtt-{run_id}"), session_count).await?;
+    let sessions = create_sessions(
+        &nodes,
+        &format!("bench-rtt-{run_id}"),
+        session_count,
+        cfg.api_key.as_deref(),
+    )
+    .await?;
     let progress = Progress::start("rtt: connecting", "round trips");
     let shares: Vec<RttShare> = split_range(0, cfg.connections, processes)
         .into_iter()

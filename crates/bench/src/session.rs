@@ -13,10 +13,15 @@ use crate::ws::{Incoming, WsConnection};
 /// Creates `count` sessions for users `{prefix}-0`, `{prefix}-1`, ... and returns their ids. Session
 /// `i` is created on node `i` (round-robin): with several nodes the sessions must be valid on every
 /// node (a shared backend), as connections then use them on other nodes too.
-pub async fn create_sessions(nodes: &Nodes, prefix: &str, count: usize) -> anyhow::Result<Vec<String>> {
+pub async fn create_sessions(
+    nodes: &Nodes,
+    prefix: &str,
+    count: usize,
+    api_key: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
     let clients: Vec<(Http, String)> = nodes
         .iter()
-        .map(|target| (Http::new(target.endpoint.addr), target.endpoint.host.clone()))
+        .map(|target| (http_client(target, api_key), target.endpoint.host.clone()))
         .collect();
     let mut sessions = Vec::with_capacity(count);
     for index in 0..count {
@@ -32,8 +37,8 @@ pub async fn create_sessions(nodes: &Nodes, prefix: &str, count: usize) -> anyho
 }
 
 /// A room's current offset, from `GET /api/rooms/{room}/history?limit=1`.
-pub async fn room_offset(target: &Target, room: &str) -> anyhow::Result<u64> {
-    let http = Http::new(target.endpoint.addr);
+pub async fn room_offset(target: &Target, room: &str, api_key: Option<&str>) -> anyhow::Result<u64> {
+    let http = http_client(target, api_key);
     let path = format!("/api/rooms/{room}/history?limit=1");
     let response = http.get(&path).await?;
     if !response.status.is_success() {
@@ -42,6 +47,15 @@ pub async fn room_offset(target: &Target, room: &str) -> anyhow::Result<u64> {
     response.body["offset"]
         .as_u64()
         .ok_or_else(|| anyhow!("GET {path}: no offset in {}", response.text))
+}
+
+/// An HTTP API client of `target`, with the API key when one is given.
+pub fn http_client(target: &Target, api_key: Option<&str>) -> Http {
+    let http = Http::new(target.endpoint.addr);
+    match api_key {
+        Some(key) => http.with_api_key(key),
+        None => http,
+    }
 }
 
 /// A connection that has joined its room.

@@ -98,6 +98,36 @@ async fn idle_ramp_establishes_every_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenarios_send_the_api_key_of_a_protected_server() {
+    let key = "bench-smoke-key-0123456789";
+    let server = Server::start_with(&[("SWITCHYARD_API_KEY", key)]).await;
+    let idle = |api_key: Option<&str>| {
+        let mut cfg = IdleConfig::new(server.url());
+        cfg.connections = 4;
+        cfg.rate = 100.0;
+        cfg.hold = 0.1;
+        cfg.sessions = 2;
+        cfg.api_key = api_key.map(str::to_string);
+        cfg
+    };
+    let refused = run_idle(idle(None)).await.unwrap_err();
+    assert!(format!("{refused:#}").contains("401"), "{refused:#}");
+    let report = run_idle(idle(Some(key))).await.unwrap();
+    assert_eq!(report.established, 4, "{report}");
+
+    let mut cfg = FanoutConfig::new(server.url());
+    cfg.subscribers = 4;
+    cfg.rate = PublishRate::PerSecond(20.0);
+    cfg.duration = 0.3;
+    cfg.sessions = 2;
+    cfg.broadcasts = 1;
+    cfg.api_key = Some(key.to_string());
+    let report = run_fanout(cfg).await.unwrap();
+    assert_eq!((report.subscribers_connected, report.lost), (4, 0), "{report}");
+    assert_every_broadcast_delivered(&json_line(&report), 1, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers_everything_in_order() {
     let server = Server::start().await;
     let mut cfg = FanoutConfig::new(server.url());
