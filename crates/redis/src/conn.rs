@@ -100,11 +100,22 @@ fn resp3(url: &str) -> String {
 pub async fn connect(
     topology: &Topology,
     timeouts: Timeouts,
+    tls_ca_pem: Option<&[u8]>,
     push: impl AsyncPushSender,
 ) -> RedisResult<(Commands, Subscriber)> {
+    // rustls needs a process-wide crypto provider for `rediss://`; redis-rs does not pick one.
+    // An error only means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certificates = || redis::TlsCertificates {
+        client_tls: None,
+        root_cert: tls_ca_pem.map(<[u8]>::to_vec),
+    };
     match topology {
         Topology::Standalone(url) => {
-            let client = redis::Client::open(resp3(url))?;
+            let client = match tls_ca_pem {
+                Some(_) => redis::Client::build_with_tls(resp3(url), certificates())?,
+                None => redis::Client::open(resp3(url))?,
+            };
             let base = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeouts.connect))
                 .set_response_timeout(Some(timeouts.response))
@@ -121,11 +132,15 @@ pub async fn connect(
         Topology::Cluster(urls) => {
             let urls: Vec<String> = urls.iter().map(|u| resp3(u)).collect();
             let builder = || {
-                ClusterClientBuilder::new(urls.clone())
+                let builder = ClusterClientBuilder::new(urls.clone())
                     .use_protocol(ProtocolVersion::RESP3)
                     .connection_timeout(timeouts.connect)
                     .response_timeout(timeouts.response)
-                    .retries(3)
+                    .retries(3);
+                match tls_ca_pem {
+                    Some(_) => builder.certs(certificates()),
+                    None => builder,
+                }
             };
             let commands = builder().build()?.get_async_connection().await?;
             let subscriber = builder()

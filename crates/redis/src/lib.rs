@@ -58,6 +58,9 @@ pub struct RedisSettings {
     pub presence_ttl: Duration,
     /// Replicas that must confirm a publication before it is acknowledged (0: the master's word).
     pub ack_replicas: u32,
+    /// PEM certificates trusted for `rediss://` servers instead of the public web roots (a private
+    /// CA, or a self-signed server certificate).
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl RedisSettings {
@@ -73,6 +76,7 @@ impl RedisSettings {
             breaker_cooldown: Duration::from_secs(2),
             presence_ttl: Duration::from_secs(60),
             ack_replicas: 0,
+            tls_ca_pem: None,
         }
     }
 }
@@ -222,6 +226,7 @@ impl RedisBackend {
         let (commands, subscriber) = conn::connect(
             &redis.topology,
             redis.timeouts,
+            redis.tls_ca_pem.as_deref(),
             PushHandler {
                 backend: cell.clone(),
             },

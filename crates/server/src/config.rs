@@ -4,7 +4,7 @@
 //! with a message that names the key.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -97,6 +97,9 @@ pub struct Config {
     /// Replicas that must confirm a publication (Redis `WAIT`) before it is acknowledged; 0
     /// acknowledges on the master's word. See docs/redis.md for what a failover can lose.
     pub redis_ack_replicas: u32,
+    /// PEM file of the certificates to trust for a `rediss://` Redis instead of the public web
+    /// roots (a private CA or a self-signed server certificate).
+    pub redis_tls_ca_file: Option<PathBuf>,
     pub log_format: LogFormat,
 
     pub session_ttl_secs: u64,
@@ -163,6 +166,7 @@ impl Default for Config {
             redis_breaker_cooldown_ms: 2000,
             redis_presence_ttl_secs: 60,
             redis_ack_replicas: 0,
+            redis_tls_ca_file: None,
             log_format: LogFormat::Auto,
             session_ttl_secs: backend.session_ttl_secs,
             history_size: backend.history_size,
@@ -239,6 +243,9 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.redis_tls_ca_file {
+            read_ca_file(path)?;
+        }
         let positive: [(&str, u64); 16] = [
             ("session_ttl_secs", self.session_ttl_secs),
             ("history_size", self.history_size as u64),
@@ -342,12 +349,16 @@ impl Config {
         Ok(())
     }
 
-    /// Redis settings, for `backend = "redis"` (validated by `load`).
-    pub fn redis_settings(&self) -> Option<switchyard_redis::RedisSettings> {
+    /// Redis settings, for `backend = "redis"` (validated by `load`); reads `redis_tls_ca_file`.
+    pub fn redis_settings(&self) -> anyhow::Result<Option<switchyard_redis::RedisSettings>> {
         let topology = match (&self.redis_url, &self.redis_cluster_urls) {
             (Some(url), _) => switchyard_redis::Topology::Standalone(url.clone()),
             (None, Some(list)) => switchyard_redis::Topology::Cluster(list.0.clone()),
-            (None, None) => return None,
+            (None, None) => return Ok(None),
+        };
+        let tls_ca_pem = match &self.redis_tls_ca_file {
+            Some(path) => Some(read_ca_file(path)?),
+            None => None,
         };
         let mut settings = switchyard_redis::RedisSettings::new(topology);
         settings.key_prefix = self.redis_key_prefix.clone();
@@ -356,7 +367,8 @@ impl Config {
         settings.breaker_cooldown = Duration::from_millis(self.redis_breaker_cooldown_ms);
         settings.presence_ttl = Duration::from_secs(self.redis_presence_ttl_secs);
         settings.ack_replicas = self.redis_ack_replicas;
-        Some(settings)
+        settings.tls_ca_pem = tls_ca_pem;
+        Ok(Some(settings))
     }
 
     pub fn backend_settings(&self) -> BackendSettings {
@@ -393,6 +405,23 @@ impl Config {
             },
         }
     }
+}
+
+/// The certificates of `redis_tls_ca_file`, checked to hold at least one PEM certificate.
+fn read_ca_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration: `redis_tls_ca_file` {}: {e}",
+            path.display()
+        )
+    })?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!(
+            "invalid configuration: `redis_tls_ca_file` {} holds no PEM certificate",
+            path.display()
+        );
+    }
+    Ok(pem)
 }
 
 /// One configuration error as a line naming the key and where its value came from.

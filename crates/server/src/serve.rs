@@ -70,7 +70,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
         BackendKind::Redis => {
-            let redis = config.redis_settings().context("redis settings missing")?;
+            let redis = config.redis_settings()?.context("redis settings missing")?;
             let backend = RedisBackend::connect(
                 config.backend_settings(),
                 redis,

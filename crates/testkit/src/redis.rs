@@ -262,3 +262,75 @@ impl RedisCluster {
             .collect()
     }
 }
+
+/// A standalone Redis that also serves TLS, with a certificate for 127.0.0.1 issued by a test CA
+/// made here (no openssl needed). Stopped when dropped, like [`RedisProcess`].
+pub struct TlsRedis {
+    pub process: RedisProcess,
+    pub tls_port: u16,
+    /// PEM of the CA that issued the server's certificate.
+    pub ca_file: PathBuf,
+    _certs: TempDir,
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl TlsRedis {
+    pub async fn start() -> TlsRedis {
+        let dir = TempDir(temp_dir("redis-tls"));
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "switchyard test CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+        let ca_file = dir.0.join("ca.pem");
+        let cert_file = dir.0.join("server.pem");
+        let key_file = dir.0.join("server.key");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        std::fs::write(&cert_file, server_cert.pem()).unwrap();
+        std::fs::write(&key_file, server_key.serialize_pem()).unwrap();
+        let tls_port = free_port_pair();
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        let process = RedisProcess::start_with(&[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &path(&cert_file),
+            "--tls-key-file",
+            &path(&key_file),
+            "--tls-ca-cert-file",
+            &path(&ca_file),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .await;
+        TlsRedis {
+            process,
+            tls_port,
+            ca_file,
+            _certs: dir,
+        }
+    }
+
+    /// `rediss://` URL of the TLS port.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port)
+    }
+}
