@@ -1,5 +1,6 @@
 //! A `rediss://` Redis: the node talks to a real TLS Redis whose certificate comes from a private
-//! CA given in `redis_tls_ca_file`, and refuses to start when it cannot trust the certificate.
+//! CA given in `redis_tls_ca_file`, and refuses to start when it cannot trust the certificate; the
+//! same for a Redis Cluster whose clients, bus and replication all use TLS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -7,7 +8,7 @@ mod common;
 use common::{Server, run_cli};
 use serde_json::json;
 use switchyard_proto::ServerFrame;
-use switchyard_testkit::redis::TlsRedis;
+use switchyard_testkit::redis::{RedisCluster, TlsRedis};
 
 #[tokio::test]
 async fn a_tls_redis_with_a_private_ca() {
@@ -72,4 +73,39 @@ async fn a_tls_redis_with_a_private_ca() {
     .await;
     assert_ne!(code, Some(0), "{stderr}");
     assert!(stderr.contains("redis_tls_ca_file"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_tls_redis_cluster() {
+    let cluster = RedisCluster::start_tls().await;
+    let urls = cluster.tls_urls().join(",");
+    let ca_file = cluster
+        .tls
+        .as_ref()
+        .map(|(_, certs)| certs.ca_file.to_string_lossy().into_owned())
+        .unwrap();
+    let settings = [
+        ("SWITCHYARD_BACKEND", "redis"),
+        ("SWITCHYARD_REDIS_CLUSTER_URLS", urls.as_str()),
+        ("SWITCHYARD_REDIS_TLS_CA_FILE", ca_file.as_str()),
+    ];
+    let node_a = Server::start(&settings).await;
+    let node_b = Server::start(&settings).await;
+    assert_eq!(node_a.http.get("/readyz").await.unwrap().status, 200);
+    let (mut alice, _) = node_a.connect("alice").await;
+    let (mut bob, _) = node_b.connect("bob").await;
+    // Rooms on different slots, so that more than one master is used.
+    for room in ["r1", "r2", "r3"] {
+        alice.join(room, None).await.unwrap();
+        bob.join(room, None).await.unwrap();
+        assert_eq!(bob.publish(room, json!(room), None).await.unwrap(), 1);
+        let message = alice
+            .until("message", |f| matches!(f, ServerFrame::Message { .. }))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&message, ServerFrame::Message { offset: 1, data, .. } if data.to_value() == json!(room)),
+            "{message:?}"
+        );
+    }
 }

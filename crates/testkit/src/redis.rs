@@ -152,31 +152,60 @@ impl Drop for RedisProcess {
 /// A Redis Cluster of three masters with one replica each.
 pub struct RedisCluster {
     pub nodes: Vec<RedisProcess>,
+    /// With [`RedisCluster::start_tls`]: each node's TLS port (cluster bus and replication on TLS
+    /// too) and the certificates.
+    pub tls: Option<(Vec<u16>, TestCerts)>,
 }
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        Self::start_with(None).await
+    }
+
+    /// A cluster whose clients, bus and replication all use TLS (each node keeps a plain port too,
+    /// which only the test helpers use).
+    pub async fn start_tls() -> RedisCluster {
+        Self::start_with(Some(TestCerts::new())).await
+    }
+
+    async fn start_with(certs: Option<TestCerts>) -> RedisCluster {
         let mut nodes = Vec::new();
+        let mut tls_ports = Vec::new();
         for _ in 0..6 {
             let dir_conf = format!("nodes-{:08x}.conf", rand::random::<u32>());
-            nodes.push(
-                RedisProcess::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &dir_conf,
-                    "--cluster-node-timeout",
-                    "1500",
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ])
-                .await,
-            );
+            let mut args: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &dir_conf,
+                "--cluster-node-timeout",
+                "1500",
+                "--cluster-replica-validity-factor",
+                "0",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            if let Some(certs) = &certs {
+                let tls_port = free_port_pair();
+                tls_ports.push(tls_port);
+                args.extend(certs.server_args(tls_port));
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            nodes.push(RedisProcess::start_with(&args).await);
         }
-        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let output = Command::new("redis-cli")
+        let mut command = Command::new("redis-cli");
+        let addresses: Vec<String> = match &certs {
+            Some(certs) => {
+                command.arg("--tls").arg("--cacert").arg(&certs.ca_file);
+                tls_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+            }
+            None => nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect(),
+        };
+        let output = command
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
@@ -193,9 +222,25 @@ impl RedisCluster {
             "cluster create failed: {}",
             String::from_utf8_lossy(&output.stdout)
         );
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster {
+            nodes,
+            tls: certs.map(|certs| (tls_ports, certs)),
+        };
         cluster.wait_ok().await;
         cluster
+    }
+
+    /// `rediss://` seed URLs of the live nodes (a cluster from [`RedisCluster::start_tls`]).
+    pub fn tls_urls(&self) -> Vec<String> {
+        let Some((ports, _)) = &self.tls else {
+            return Vec::new();
+        };
+        self.nodes
+            .iter()
+            .zip(ports)
+            .filter(|(n, _)| n.child.is_some())
+            .map(|(_, port)| format!("rediss://127.0.0.1:{port}/"))
+            .collect()
     }
 
     /// Waits until every live node reports `cluster_state:ok` and every master has an online
@@ -270,7 +315,7 @@ pub struct TlsRedis {
     pub tls_port: u16,
     /// PEM of the CA that issued the server's certificate.
     pub ca_file: PathBuf,
-    _certs: TempDir,
+    _certs: TestCerts,
 }
 
 /// A directory removed when dropped.
@@ -282,8 +327,17 @@ impl Drop for TempDir {
     }
 }
 
-impl TlsRedis {
-    pub async fn start() -> TlsRedis {
+/// A test CA and a server certificate for 127.0.0.1 it issued, as PEM files in a temporary
+/// directory (removed when dropped).
+pub struct TestCerts {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestCerts {
+    pub fn new() -> TestCerts {
         let dir = TempDir(temp_dir("redis-tls"));
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -300,32 +354,55 @@ impl TlsRedis {
         let server_key = rcgen::KeyPair::generate().unwrap();
         let server_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
         let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-        let ca_file = dir.0.join("ca.pem");
-        let cert_file = dir.0.join("server.pem");
-        let key_file = dir.0.join("server.key");
-        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
-        std::fs::write(&cert_file, server_cert.pem()).unwrap();
-        std::fs::write(&key_file, server_key.serialize_pem()).unwrap();
-        let tls_port = free_port_pair();
+        let certs = TestCerts {
+            ca_file: dir.0.join("ca.pem"),
+            cert_file: dir.0.join("server.pem"),
+            key_file: dir.0.join("server.key"),
+            _dir: dir,
+        };
+        std::fs::write(&certs.ca_file, ca_cert.pem()).unwrap();
+        std::fs::write(&certs.cert_file, server_cert.pem()).unwrap();
+        std::fs::write(&certs.key_file, server_key.serialize_pem()).unwrap();
+        certs
+    }
+
+    /// `redis-server` arguments serving TLS on `tls_port` with these certificates (clients need
+    /// no certificate of their own).
+    pub fn server_args(&self, tls_port: u16) -> Vec<String> {
         let path = |p: &PathBuf| p.to_string_lossy().into_owned();
-        let process = RedisProcess::start_with(&[
-            "--tls-port",
-            &tls_port.to_string(),
-            "--tls-cert-file",
-            &path(&cert_file),
-            "--tls-key-file",
-            &path(&key_file),
-            "--tls-ca-cert-file",
-            &path(&ca_file),
-            "--tls-auth-clients",
-            "no",
-        ])
-        .await;
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path(&self.cert_file),
+            "--tls-key-file".into(),
+            path(&self.key_file),
+            "--tls-ca-cert-file".into(),
+            path(&self.ca_file),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+}
+
+impl Default for TestCerts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TlsRedis {
+    pub async fn start() -> TlsRedis {
+        let certs = TestCerts::new();
+        let tls_port = free_port_pair();
+        let args = certs.server_args(tls_port);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = RedisProcess::start_with(&args).await;
         TlsRedis {
             process,
             tls_port,
-            ca_file,
-            _certs: dir,
+            ca_file: certs.ca_file.clone(),
+            _certs: certs,
         }
     }
 
