@@ -163,3 +163,132 @@ async fn master_failover_under_traffic() {
 async fn master_failover_with_replica_acks_loses_nothing_acknowledged() {
     assert_eq!(failover("1").await, 0);
 }
+
+/// One Redis command on cluster node `index` (by its own port, no redirection).
+async fn on_node<T: redis::FromRedisValue>(cluster: &RedisCluster, index: usize, cmd: &redis::Cmd) -> T {
+    let client = redis::Client::open(cluster.nodes[index].url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_slot_moving_to_another_master_keeps_its_stream() {
+    let cluster = RedisCluster::start().await;
+    let urls = cluster.urls().join(",");
+    let settings = [
+        ("SWITCHYARD_BACKEND", "redis"),
+        ("SWITCHYARD_REDIS_CLUSTER_URLS", urls.as_str()),
+    ];
+    let node_a = Server::start(&settings).await;
+    let node_b = Server::start(&settings).await;
+    let (mut alice, _) = node_a.connect("alice").await;
+    let (mut bob, _) = node_b.connect("bob").await;
+    let (_, epoch, _) = alice.join("moving", None).await.unwrap();
+    bob.join("moving", None).await.unwrap();
+    let mut check = StreamCheck::new(&epoch, 0);
+    for n in 1..=3 {
+        assert_eq!(bob.publish("moving", json!(n), None).await.unwrap(), n);
+    }
+    check.read_until(&mut alice, Some(&epoch), 3).await;
+
+    // Move the room's slot, keys included, to another master (what `redis-cli --cluster reshard`
+    // does, for one slot).
+    let slot: u16 = on_node(
+        &cluster,
+        0,
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg("sy:{moving}:meta"),
+    )
+    .await;
+    let source = master_of(&cluster, slot).await.unwrap();
+    let mut target = None;
+    for index in 0..cluster.nodes.len() {
+        let info: String = on_node(&cluster, index, redis::cmd("INFO").arg("replication")).await;
+        if index != source && info.contains("role:master") {
+            target = Some(index);
+            break;
+        }
+    }
+    let target = target.expect("another master");
+    let source_id: String = on_node(&cluster, source, redis::cmd("CLUSTER").arg("MYID")).await;
+    let target_id: String = on_node(&cluster, target, redis::cmd("CLUSTER").arg("MYID")).await;
+    let _: () = on_node(
+        &cluster,
+        target,
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&source_id),
+    )
+    .await;
+    let _: () = on_node(
+        &cluster,
+        source,
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&target_id),
+    )
+    .await;
+    loop {
+        let keys: Vec<String> = on_node(
+            &cluster,
+            source,
+            redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(100),
+        )
+        .await;
+        if keys.is_empty() {
+            break;
+        }
+        let _: () = on_node(
+            &cluster,
+            source,
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(cluster.nodes[target].port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys),
+        )
+        .await;
+    }
+    for index in [target, source] {
+        let _: () = on_node(
+            &cluster,
+            index,
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&target_id),
+        )
+        .await;
+    }
+    assert_eq!(master_of(&cluster, slot).await, Some(target));
+
+    // Publishing goes on against the new owner; alice's stream goes on without a silent gap. The
+    // new master starts a new epoch (a publish cannot tell a migration from a failover), so alice
+    // may see one reset, and then every publication.
+    for n in 4..=6 {
+        bob.publish("moving", json!(n), None).await.unwrap();
+    }
+    let top = node_b
+        .http
+        .get("/api/rooms/moving/history?limit=1")
+        .await
+        .unwrap()
+        .body;
+    let top_epoch = top["epoch"].as_str().unwrap().to_string();
+    let top_offset = top["offset"].as_u64().unwrap();
+    assert_eq!(top_offset, 6, "offsets continue on the new master: {top}");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        check.read_until(&mut alice, Some(&top_epoch), top_offset),
+    )
+    .await
+    .expect("alice's stream continues after the slot moved");
+    assert!(check.resets <= 1, "at most the one reset of the new epoch");
+}
