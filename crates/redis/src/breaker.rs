@@ -135,21 +135,9 @@ impl Breaker {
         }
         // Nobody waits on these, and under a burst they queue: a longer deadline saves work that
         // would otherwise be lost to a timeout and left to expire.
-        match tokio::time::timeout(self.timeout * BACKGROUND_TIMEOUT_FACTOR, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if is_infrastructure(&e) => {
-                self.metrics.backend_errors.inc();
-                Err(BackendError::Unavailable(format!("redis {what}: {e}")))
-            }
-            Ok(Err(e)) => Err(BackendError::Corrupt(format!("redis {what}: {e}"))),
-            Err(_) => {
-                self.metrics.backend_errors.inc();
-                Err(BackendError::Unavailable(format!(
-                    "redis {what}: no answer within {:?}",
-                    self.timeout * BACKGROUND_TIMEOUT_FACTOR
-                )))
-            }
-        }
+        self.attempt(what, self.timeout * BACKGROUND_TIMEOUT_FACTOR, call)
+            .await
+            .map_err(|(e, _)| e)
     }
 
     /// Runs one Redis call under the breaker and the deadline.
@@ -159,28 +147,32 @@ impl Breaker {
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, BackendError> {
         self.admit()?;
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => {
-                self.record(true);
-                Ok(value)
-            }
-            Ok(Err(e)) => {
-                if is_infrastructure(&e) {
-                    self.record(false);
-                    self.metrics.backend_errors.inc();
-                    Err(BackendError::Unavailable(format!("redis {what}: {e}")))
-                } else {
-                    self.record(true);
-                    Err(BackendError::Corrupt(format!("redis {what}: {e}")))
-                }
-            }
-            Err(_) => {
-                self.record(false);
+        let outcome = self.attempt(what, self.timeout, call).await;
+        self.record(!matches!(outcome, Err((_, true))));
+        outcome.map_err(|(e, _)| e)
+    }
+
+    /// Runs `call` within `deadline`. A failure comes with whether it says Redis is unreachable or
+    /// unwell (counted in the metrics), as opposed to a bad command.
+    async fn attempt<T>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, (BackendError, bool)> {
+        match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_infrastructure(&e) => {
                 self.metrics.backend_errors.inc();
-                Err(BackendError::Unavailable(format!(
-                    "redis {what}: no answer within {:?}",
-                    self.timeout
-                )))
+                Err((BackendError::Unavailable(format!("redis {what}: {e}")), true))
+            }
+            Ok(Err(e)) => Err((BackendError::Corrupt(format!("redis {what}: {e}")), false)),
+            Err(_) => {
+                self.metrics.backend_errors.inc();
+                Err((
+                    BackendError::Unavailable(format!("redis {what}: no answer within {deadline:?}")),
+                    true,
+                ))
             }
         }
     }
