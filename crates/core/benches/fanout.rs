@@ -33,7 +33,7 @@ use switchyard_core::frames;
 use switchyard_core::hub::Hub;
 use switchyard_core::metrics::Metrics;
 use switchyard_core::queue::QueueLimits;
-use switchyard_proto::{Payload, RoomName, ServerFrame, UserId};
+use switchyard_proto::{Payload, RoomName, UserId};
 
 /// Size of the encoded `message` frame, as in the load generator's `--payload 100` runs plus the
 /// frame's own fields.
@@ -61,17 +61,6 @@ fn publication() -> Arc<Publication> {
     let p = publication_with(&"x".repeat(FRAME_BYTES - bare));
     assert_eq!(frames::native_publication(&p).len(), FRAME_BYTES);
     Arc::new(p)
-}
-
-fn message_frame(p: &Publication) -> ServerFrame {
-    ServerFrame::Message {
-        room: p.room.clone(),
-        offset: p.offset,
-        from: p.from.clone(),
-        data: p.data.clone(),
-        ts: p.ts,
-        id: p.id.clone(),
-    }
 }
 
 /// A hub on the memory broker with `n` live native members in one room, each with the default
@@ -107,7 +96,7 @@ fn drain(members: &[Arc<Connection>]) {
 
 fn fanout(c: &mut Criterion) {
     let publication = publication();
-    let frame = message_frame(&publication);
+    let frame = frames::message(&publication);
     let mut group = c.benchmark_group("fanout");
     for n in [1usize, 100, 1_000] {
         let (hub, members) = room_with_members(n);

@@ -14,14 +14,19 @@ pub fn text(frame: &ServerFrame) -> Utf8Bytes {
 }
 
 pub fn native_publication(p: &Publication) -> Utf8Bytes {
-    text(&ServerFrame::Message {
+    text(&message(p))
+}
+
+/// The `/ws` frame of a publication.
+pub fn message(p: &Publication) -> ServerFrame {
+    ServerFrame::Message {
         room: p.room.clone(),
         offset: p.offset,
         from: p.from.clone(),
         data: p.data.clone(),
         ts: p.ts,
         id: p.id.clone(),
-    })
+    }
 }
 
 /// The seed's group message: `{"type":"message","message":<data>,"user_id":<from>}`.

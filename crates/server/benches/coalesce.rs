@@ -91,35 +91,30 @@ fn coalesce(c: &mut Criterion) {
     let mut group = c.benchmark_group("coalesce");
     for k in [1u64, 8, 64] {
         group.throughput(Throughput::Elements(k));
-        group.bench_with_input(BenchmarkId::new("flush_per_frame", k), &k, |b, &k| {
-            let mut ws = socket(&rt);
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        for _ in 0..k {
-                            ws.send(Message::Text(frame.clone())).await.unwrap();
+        for (name, one_flush) in [("flush_per_frame", false), ("one_flush", true)] {
+            group.bench_with_input(BenchmarkId::new(name, k), &k, |b, &k| {
+                let mut ws = socket(&rt);
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            for _ in 0..k {
+                                let message = Message::Text(frame.clone());
+                                if one_flush {
+                                    ws.feed(message).await.unwrap();
+                                } else {
+                                    ws.send(message).await.unwrap();
+                                }
+                            }
+                            if one_flush {
+                                ws.flush().await.unwrap();
+                            }
                         }
-                    }
-                    start.elapsed()
+                        start.elapsed()
+                    })
                 })
-            })
-        });
-        group.bench_with_input(BenchmarkId::new("one_flush", k), &k, |b, &k| {
-            let mut ws = socket(&rt);
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        for _ in 0..k {
-                            ws.feed(Message::Text(frame.clone())).await.unwrap();
-                        }
-                        ws.flush().await.unwrap();
-                    }
-                    start.elapsed()
-                })
-            })
-        });
+            });
+        }
     }
     group.finish();
 }
