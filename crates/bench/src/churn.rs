@@ -536,13 +536,12 @@ impl ChurnPart {
     /// Closes every connection still open (bounded) and reports.
     async fn finish(mut self) -> anyhow::Result<ChurnFinished> {
         self.shared.stop.cancel();
-        let wind_down = tokio::time::timeout(Duration::from_secs(15), async {
-            while self.tasks.join_next().await.is_some() {}
-        })
+        // Whatever has not closed within the bound is aborted.
+        let _ = crate::join_all_by(
+            &mut self.tasks,
+            tokio::time::Instant::now() + Duration::from_secs(15),
+        )
         .await;
-        if wind_down.is_err() {
-            self.tasks.abort_all();
-        }
         Ok(ChurnFinished {
             dropped: self.shared.tally.dropped.load(Ordering::Relaxed),
             bench_cpu_secs: procfs::own_cpu_secs()? - self.cpu_before,

@@ -775,20 +775,10 @@ impl SubscriberGroup {
             let _ = sender.send(finals.clone());
         }
         let _ = self.finals.send(Some(finals));
-        let subscribers_done = tokio::time::timeout_at(drain_deadline + Duration::from_secs(5), async {
-            let mut reports = Vec::new();
-            while let Some(joined) = self.tasks.join_next().await {
-                reports.push(joined);
-            }
-            reports
-        })
-        .await;
-        let reports = match subscribers_done {
-            Ok(reports) => reports,
-            Err(_) => {
-                self.tasks.abort_all();
-                bail!("subscribers did not finish within the drain timeout");
-            }
+        let Some(reports) =
+            crate::join_all_by(&mut self.tasks, drain_deadline + Duration::from_secs(5)).await
+        else {
+            bail!("subscribers did not finish within the drain timeout");
         };
         let mut finished = SubscribersFinished {
             rooms: vec![RoomTally::default(); self.rooms],

@@ -341,13 +341,12 @@ impl IdlePart {
     async fn finish(mut self) -> anyhow::Result<IdleFinished> {
         let bench_rss_holding_kib = procfs::own_rss_kib()?;
         self.stop.cancel();
-        let wind_down = tokio::time::timeout(Duration::from_secs(15), async {
-            while self.tasks.join_next().await.is_some() {}
-        })
+        // Whatever has not closed within the bound is aborted.
+        let _ = crate::join_all_by(
+            &mut self.tasks,
+            tokio::time::Instant::now() + Duration::from_secs(15),
+        )
         .await;
-        if wind_down.is_err() {
-            self.tasks.abort_all();
-        }
         Ok(IdleFinished {
             dropped_while_holding: self.dropped.load(Ordering::Relaxed),
             bench_rss_holding_kib,

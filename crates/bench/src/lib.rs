@@ -55,6 +55,26 @@ pub(crate) fn interval_of(per_second: f64) -> std::time::Duration {
     std::time::Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(std::time::Duration::ZERO)
 }
 
+/// Every task's outcome, in the order they finish; `None` (the rest aborted) if they are not all
+/// done by `deadline`.
+pub(crate) async fn join_all_by<T: 'static>(
+    tasks: &mut tokio::task::JoinSet<T>,
+    deadline: tokio::time::Instant,
+) -> Option<Vec<Result<T, tokio::task::JoinError>>> {
+    let joined = tokio::time::timeout_at(deadline, async {
+        let mut outcomes = Vec::new();
+        while let Some(outcome) = tasks.join_next().await {
+            outcomes.push(outcome);
+        }
+        outcomes
+    })
+    .await;
+    if joined.is_err() {
+        tasks.abort_all();
+    }
+    joined.ok()
+}
+
 /// A short id that keeps the rooms and users of one run apart from any other run's.
 pub(crate) fn run_id() -> String {
     let nanos = std::time::SystemTime::now()

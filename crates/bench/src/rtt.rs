@@ -379,23 +379,11 @@ impl RttPart {
         let _ = self.go.send(Some(go));
         let mut finished = RttFinished::default();
         let bound = go.stop_at + self.pong_timeout + Duration::from_secs(5);
-        let joined = tokio::time::timeout_at(bound, async {
-            let mut tallies = Vec::new();
-            while let Some(joined) = self.tasks.join_next().await {
-                tallies.push(joined);
-            }
-            tallies
-        })
-        .await;
-        let tallies = match joined {
-            Ok(tallies) => tallies,
-            Err(_) => {
-                self.tasks.abort_all();
-                bail!(
-                    "rtt connections did not finish within {:?} after the duration",
-                    bound - go.stop_at
-                );
-            }
+        let Some(tallies) = crate::join_all_by(&mut self.tasks, bound).await else {
+            bail!(
+                "rtt connections did not finish within {:?} after the duration",
+                bound - go.stop_at
+            );
         };
         for tally in tallies {
             let tally = tally.context("an rtt connection task failed")?;
