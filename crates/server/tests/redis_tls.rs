@@ -14,7 +14,7 @@ use switchyard_testkit::redis::{RedisCluster, TlsRedis};
 async fn a_tls_redis_with_a_private_ca() {
     let redis = TlsRedis::start().await;
     let url = redis.url();
-    let ca_file = redis.ca_file.to_string_lossy().into_owned();
+    let ca_file = redis.certs.ca_file.to_string_lossy().into_owned();
     let settings = [
         ("SWITCHYARD_BACKEND", "redis"),
         ("SWITCHYARD_REDIS_URL", url.as_str()),

@@ -313,9 +313,8 @@ impl RedisCluster {
 pub struct TlsRedis {
     pub process: RedisProcess,
     pub tls_port: u16,
-    /// PEM of the CA that issued the server's certificate.
-    pub ca_file: PathBuf,
-    _certs: TestCerts,
+    /// The server's certificate and the CA (`certs.ca_file`) that issued it.
+    pub certs: TestCerts,
 }
 
 /// A directory removed when dropped.
@@ -401,8 +400,7 @@ impl TlsRedis {
         TlsRedis {
             process,
             tls_port,
-            ca_file: certs.ca_file.clone(),
-            _certs: certs,
+            certs,
         }
     }
 
