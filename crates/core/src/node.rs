@@ -48,6 +48,8 @@ pub struct NodeSettings {
     pub idle_timeout_ms: u64,
     /// A write to a client blocked for this long closes it as a slow consumer, ms.
     pub write_timeout_ms: u64,
+    /// How long a connection waits after its first queued frame before writing (0: at once).
+    pub write_delay: Duration,
     pub drain: DrainSettings,
 }
 
@@ -64,6 +66,7 @@ impl Default for NodeSettings {
             ping_interval_ms: 25_000,
             idle_timeout_ms: 60_000,
             write_timeout_ms: 10_000,
+            write_delay: Duration::ZERO,
             drain: DrainSettings::default(),
         }
     }

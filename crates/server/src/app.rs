@@ -85,10 +85,6 @@ impl AppState {
         Duration::from_secs(self.0.config.auth_timeout_secs)
     }
 
-    pub fn write_delay(&self) -> Duration {
-        Duration::from_millis(self.0.config.write_delay_ms)
-    }
-
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs(self.0.config.write_timeout_secs)
     }

@@ -397,6 +397,7 @@ impl Config {
             ping_interval_ms: self.ping_interval_secs * 1000,
             idle_timeout_ms: self.idle_timeout_secs * 1000,
             write_timeout_ms: self.write_timeout_secs * 1000,
+            write_delay: Duration::from_millis(self.write_delay_ms),
             drain: DrainSettings {
                 timeout: Duration::from_secs(self.drain_timeout_secs),
                 batch_size: self.drain_batch_size,

@@ -290,7 +290,6 @@ async fn connection(
         protocol: &protocol,
         ws,
         state: PumpState::Idle,
-        write_delay: state.write_delay(),
         write_due: None,
     };
     let close = std::future::poll_fn(|cx| pump.poll(cx)).await;
@@ -407,7 +406,6 @@ struct Pump<'a> {
     protocol: &'a Protocol,
     ws: Socket,
     state: PumpState<'a>,
-    write_delay: Duration,
     /// When the frames queued now are written (set while the write delay runs).
     write_due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -491,10 +489,10 @@ impl Pump<'_> {
                     // busy room (it receives its room's messages too) is thereby held to the pace at
                     // which it can take the room's traffic, through TCP flow control.
                     if self.conn.queue.poll_ready(cx).is_ready() {
-                        let due = if self.write_delay.is_zero() {
+                        let delay = self.node.settings.write_delay;
+                        let due = if delay.is_zero() {
                             true
                         } else {
-                            let delay = self.write_delay;
                             let due = self
                                 .write_due
                                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
