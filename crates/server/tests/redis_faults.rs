@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Server, StreamCheck};
 use serde_json::json;
 use switchyard_proto::{ClientBody, ErrorCode, Payload, RoomName, ServerFrame};
@@ -24,18 +22,6 @@ async fn node(redis: &RedisProcess) -> Server {
     let mut env = FAULT_SETTINGS.to_vec();
     env.push(("SWITCHYARD_REDIS_URL", &url));
     Server::start(&env).await
-}
-
-/// Polls until `/readyz` has `status` (bounded).
-async fn wait_ready(server: &Server, status: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while server.http.get("/readyz").await.unwrap().status.as_u16() != status {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never answered {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -76,7 +62,7 @@ async fn redis_outage_fails_fast_and_the_stream_resumes_without_a_silent_gap() {
         .unwrap();
     assert_eq!(api.status, 503);
     assert_eq!(api.body["code"], "UNAVAILABLE");
-    wait_ready(&server, 503).await;
+    server.wait_ready(503).await;
     assert!(
         server
             .metric("switchyard_backend_circuit_transitions_total{to=\"open\"}")
@@ -86,7 +72,7 @@ async fn redis_outage_fails_fast_and_the_stream_resumes_without_a_silent_gap() {
 
     // Redis comes back empty (no persistence): the room's history is gone, so its epoch changes.
     redis.restart().await;
-    wait_ready(&server, 200).await;
+    server.wait_ready(200).await;
     assert!(
         server
             .metric("switchyard_backend_circuit_transitions_total{to=\"closed\"}")

@@ -102,6 +102,24 @@ impl Server {
         status.code()
     }
 
+    /// Polls `/readyz` until it answers `status` (bounded: there is no event to wait for).
+    pub async fn wait_ready(&self, status: u16) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = self.http.get("/readyz").await.unwrap();
+            if response.status.as_u16() == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz never answered {status}; last: {} {}",
+                response.status,
+                response.text
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A metric's value from `/metrics` (the sum of all its series with the given label text).
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.http.get("/metrics").await.unwrap().text;
