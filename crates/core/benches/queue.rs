@@ -11,6 +11,8 @@
 //! - `push_take/B`: B pushes into an empty queue, then one `take` whose batch is dropped (the
 //!   frames' reference counts and the taken `VecDeque` are released), all measured. B = 1 is a quiet
 //!   connection (one frame per write), 64 a busy one. Throughput is per frame.
+//! - `push_take_recycle/B`: the same, with the batch's buffer handed back to the queue after the
+//!   (here empty) write, as the writer does: a burst of more than one frame then reuses it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -65,6 +67,21 @@ fn queue(c: &mut Criterion) {
                 black_box(q.take())
             })
         });
+        group.bench_with_input(
+            BenchmarkId::new("push_take_recycle", batch),
+            &batch,
+            |b, &batch| {
+                let q = OutboundQueue::new(QueueLimits::default());
+                b.iter(|| {
+                    for _ in 0..batch {
+                        q.push(Outbound::Text(frame.clone()), black_box(0)).unwrap();
+                    }
+                    let mut taken = q.take();
+                    taken.frames.clear();
+                    q.recycle(taken.frames);
+                })
+            },
+        );
     }
     group.finish();
 }

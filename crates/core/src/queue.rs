@@ -88,6 +88,16 @@ struct Inner {
     /// takes the queue.
     extra_items: usize,
     extra_bytes: usize,
+    /// An empty buffer with capacity, handed back by the writer after a write, so that the next
+    /// burst does not allocate (and grow) a new one. The sweeper drops it once the connection went
+    /// a whole sweep without a write, so an idle connection holds none.
+    spare: VecDeque<(Outbound, u64)>,
+    taken_since_sweep: bool,
+    /// The last batch taken carried a burst (more than one frame): only its buffer is kept as the
+    /// spare. A connection that gets one frame at a time (every idle one, after its welcome and
+    /// join replies) gains little from a spare and would hold one between sweeps; its heap then
+    /// stays grown after the sweeper frees it (measured: +238 B of RSS per idle connection at 19,000).
+    burst_taken: bool,
 }
 
 impl Inner {
@@ -96,6 +106,7 @@ impl Inner {
             return;
         }
         self.items = VecDeque::new();
+        self.spare = VecDeque::new();
         self.bytes = 0;
         self.close = Some(reason);
         self.aborted = true;
@@ -231,9 +242,13 @@ impl OutboundQueue {
     }
 
     /// Aborts with 4008 when the oldest queued frame is past the expiry. Called by the sweeper, so
-    /// that a writer stuck on a dead socket is found even when nothing new is published.
+    /// that a writer stuck on a dead socket is found even when nothing new is published. Also
+    /// releases the spare buffer of a connection that has not written since the last sweep.
     pub fn check_expiry(&self, now_ms: u64) -> bool {
         let mut inner = self.inner.lock();
+        if !std::mem::take(&mut inner.taken_since_sweep) && inner.spare.capacity() > 0 {
+            inner.spare = VecDeque::new();
+        }
         let expired = inner.close.is_none()
             && inner
                 .items
@@ -290,10 +305,28 @@ impl OutboundQueue {
         inner.bytes = 0;
         inner.extra_items = 0;
         inner.extra_bytes = 0;
+        inner.taken_since_sweep = true;
+        inner.burst_taken = inner.items.len() > 1;
+        let spare = std::mem::take(&mut inner.spare);
         Batch {
-            frames: std::mem::take(&mut inner.items),
+            frames: std::mem::replace(&mut inner.items, spare),
             close: inner.close.clone(),
             aborted: inner.aborted,
+        }
+    }
+
+    /// Hands a written batch's buffer back for the next burst (kept if the batch was a burst and
+    /// the buffer is not large).
+    pub fn recycle(&self, mut frames: VecDeque<(Outbound, u64)>) {
+        /// Larger buffers (a recovery backlog, a burst after a stall) are freed instead.
+        const MAX_SPARE_FRAMES: usize = 64;
+        frames.clear();
+        if frames.capacity() == 0 || frames.capacity() > MAX_SPARE_FRAMES {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        if inner.burst_taken && inner.spare.capacity() == 0 && !inner.aborted {
+            inner.spare = frames;
         }
     }
 
@@ -313,6 +346,56 @@ mod tests {
 
     fn text(s: &str) -> Outbound {
         Outbound::Text(Utf8Bytes::from(s.to_string()))
+    }
+
+    fn spare_capacity(q: &OutboundQueue) -> usize {
+        q.inner.lock().spare.capacity()
+    }
+
+    fn burst(q: &OutboundQueue, frames: usize) -> VecDeque<(Outbound, u64)> {
+        for _ in 0..frames {
+            q.push(text("x"), 0).unwrap();
+        }
+        q.take().frames
+    }
+
+    #[test]
+    fn a_bursts_buffer_is_reused_until_a_sweep_finds_the_connection_idle() {
+        let q = OutboundQueue::new(QueueLimits::default());
+        let first = burst(&q, 20);
+        let capacity = first.capacity();
+        q.recycle(first);
+        assert_eq!(spare_capacity(&q), capacity);
+        let second = burst(&q, 20);
+        assert_eq!(
+            second.capacity(),
+            capacity,
+            "the next burst went into the spare buffer"
+        );
+        q.recycle(second);
+        assert!(!q.check_expiry(0));
+        assert_eq!(spare_capacity(&q), capacity, "written since the last sweep: kept");
+        assert!(!q.check_expiry(0));
+        assert_eq!(
+            spare_capacity(&q),
+            0,
+            "a sweep without a write in between frees it"
+        );
+    }
+
+    #[test]
+    fn single_frames_large_bursts_and_aborted_queues_keep_no_spare() {
+        let q = OutboundQueue::new(QueueLimits::default());
+        q.recycle(burst(&q, 1));
+        assert_eq!(spare_capacity(&q), 0);
+        q.recycle(burst(&q, 100));
+        assert_eq!(spare_capacity(&q), 0);
+        q.recycle(burst(&q, 5));
+        assert!(spare_capacity(&q) > 0);
+        let being_written = burst(&q, 5);
+        q.abort_slow("test");
+        q.recycle(being_written);
+        assert_eq!(spare_capacity(&q), 0, "a closing queue keeps nothing");
     }
 
     #[test]

@@ -469,6 +469,7 @@ impl Pump<'_> {
                         Poll::Pending => return Poll::Pending,
                     }
                     self.conn.write_finished();
+                    self.conn.queue.recycle(std::mem::take(frames));
                     if let Some(close) = close.take() {
                         return Poll::Ready(Some(close));
                     }
