@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+/// jemalloc instead of glibc's allocator: frames and queue buffers are allocated on one core and
+/// freed on the other, where glibc's arena lock showed in profiles; measured in docs/decisions.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use switchyard::config::{BackendKind, Config, LogFormat, Overrides};
 
 /// Switchyard: real-time messaging over WebSocket (rooms, direct messages, broadcasts), with an
