@@ -87,6 +87,7 @@ pub struct Metrics {
     closes: Family<CodeLabel, Counter>,
     pub rooms: Gauge,
     pub draining: Gauge,
+    pub write_coalescing: Gauge,
     pub backend_errors: Counter,
     /// 0 closed, 1 open, 2 half-open.
     pub breaker_state: Gauge,
@@ -217,6 +218,12 @@ impl Metrics {
             "1 while this node is draining",
             draining.clone(),
         );
+        let write_coalescing = Gauge::default();
+        registry.register(
+            "switchyard_write_coalescing",
+            "1 while this node's workers are busy and writes wait `busy_write_delay_ms` to share sends",
+            write_coalescing.clone(),
+        );
         let backend_errors = Counter::default();
         registry.register(
             "switchyard_backend_errors",
@@ -251,6 +258,7 @@ impl Metrics {
             closes,
             rooms,
             draining,
+            write_coalescing,
             backend_errors,
         }
     }

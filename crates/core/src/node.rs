@@ -50,6 +50,9 @@ pub struct NodeSettings {
     pub write_timeout_ms: u64,
     /// How long a connection waits after its first queued frame before writing (0: at once).
     pub write_delay: Duration,
+    /// The wait used instead while the node's workers are busy (see [`Node::run_load_monitor`]);
+    /// 0 turns the monitor off.
+    pub busy_write_delay: Duration,
     pub drain: DrainSettings,
 }
 
@@ -67,6 +70,7 @@ impl Default for NodeSettings {
             idle_timeout_ms: 60_000,
             write_timeout_ms: 10_000,
             write_delay: Duration::ZERO,
+            busy_write_delay: Duration::ZERO,
             drain: DrainSettings::default(),
         }
     }
@@ -136,8 +140,27 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
     draining: AtomicBool,
+    /// Set by the load monitor while the workers are busy: writes then wait `busy_write_delay`.
+    busy: AtomicBool,
     /// Fires when the last connection closes (the drain waits on it).
     emptied: Notify,
+}
+
+/// How often the load monitor samples the runtime's busy time.
+const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Busy share of the workers' time from which writes are coalesced, and below which they stop
+/// being coalesced again (apart, so that a load near the line does not flip the mode every sample).
+const BUSY_ON: f64 = 0.90;
+const BUSY_OFF: f64 = 0.75;
+
+/// Whether the node counts as busy after a sample in which its workers were busy for
+/// `busy_fraction` of the time.
+fn next_busy(was_busy: bool, busy_fraction: f64) -> bool {
+    if was_busy {
+        busy_fraction >= BUSY_OFF
+    } else {
+        busy_fraction >= BUSY_ON
+    }
 }
 
 impl Node {
@@ -155,6 +178,7 @@ impl Node {
             metrics,
             clock,
             draining: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
             emptied: Notify::new(),
         })
     }
@@ -705,6 +729,55 @@ impl Node {
         }
     }
 
+    /// How long a connection's write waits after its first queued frame, now.
+    pub fn write_delay(&self) -> Duration {
+        if self.busy.load(Ordering::Relaxed) {
+            self.settings.write_delay.max(self.settings.busy_write_delay)
+        } else {
+            self.settings.write_delay
+        }
+    }
+
+    /// Samples the runtime's worker busy time every 100 ms and, while the workers are busy (90 %
+    /// of their time, until it falls below 75 %), makes writes wait `busy_write_delay` so that the
+    /// frames of a burst share one send. A send costs several microseconds of system time whatever
+    /// it carries, so a saturated node that writes every frame as it comes spends its CPU on sends
+    /// and falls behind; an idle or moderately loaded node keeps writing at once (no added latency).
+    /// Returns at once when `busy_write_delay` is 0.
+    pub async fn run_load_monitor(self: Arc<Self>, stop: CancellationToken) {
+        if self.settings.busy_write_delay.is_zero() {
+            return;
+        }
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let busy_total = || -> Duration {
+            (0..metrics.num_workers())
+                .map(|worker| metrics.worker_total_busy_duration(worker))
+                .sum()
+        };
+        let mut tick = tokio::time::interval(LOAD_SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut last_at, mut last_busy) = (std::time::Instant::now(), busy_total());
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (now, busy) = (std::time::Instant::now(), busy_total());
+            let capacity = now.duration_since(last_at).as_secs_f64() * metrics.num_workers() as f64;
+            if capacity > 0.0 {
+                let fraction = busy.saturating_sub(last_busy).as_secs_f64() / capacity;
+                let was = self.busy.load(Ordering::Relaxed);
+                let is = next_busy(was, fraction);
+                if is != was {
+                    self.busy.store(is, Ordering::Relaxed);
+                    self.metrics.write_coalescing.set(i64::from(is));
+                    tracing::debug!(busy = is, fraction, "write coalescing changed");
+                }
+            }
+            (last_at, last_busy) = (now, busy);
+        }
+    }
+
     /// Runs [`Node::sweep`] every second until `stop` fires.
     pub async fn run_sweeper(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -784,4 +857,36 @@ impl Node {
 pub fn seed_room(room_name: &str) -> Result<RoomName, RequestError> {
     RoomName::parse(&format!("chat_{room_name}"))
         .map_err(|e| RequestError::new(ErrorCode::BadRequest, format!("invalid room name: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendSettings;
+    use crate::backend::memory::MemoryBackend;
+
+    #[tokio::test]
+    async fn writes_wait_the_busy_delay_only_while_busy() {
+        let settings = NodeSettings {
+            write_delay: Duration::from_millis(5),
+            busy_write_delay: Duration::from_millis(50),
+            ..NodeSettings::default()
+        };
+        let backends = MemoryBackend::backends(BackendSettings::default());
+        let node = Node::new(settings, backends, Arc::new(Metrics::new()), Clock::new());
+        assert_eq!(node.write_delay(), Duration::from_millis(5));
+        node.busy.store(true, Ordering::Relaxed);
+        assert_eq!(node.write_delay(), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn coalescing_starts_at_90_percent_busy_and_stops_below_75() {
+        assert!(!next_busy(false, 0.0));
+        assert!(!next_busy(false, 0.89));
+        assert!(next_busy(false, 0.90));
+        assert!(next_busy(true, 0.80), "between the two lines the mode stays");
+        assert!(!next_busy(false, 0.80), "between the two lines the mode stays");
+        assert!(next_busy(true, 0.75));
+        assert!(!next_busy(true, 0.74));
+    }
 }

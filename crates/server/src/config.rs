@@ -131,6 +131,10 @@ pub struct Config {
     /// Wait this long after a frame is queued for an idle connection before writing, so frames that
     /// follow join the same write (0: write at once).
     pub write_delay_ms: u64,
+    /// The write delay used instead while the node's workers are busy (90 % of their time over
+    /// 100 ms), so that a saturated node spends its CPU on deliveries rather than on sends
+    /// (0: never).
+    pub busy_write_delay_ms: u64,
 
     pub ping_interval_secs: u64,
     pub idle_timeout_secs: u64,
@@ -185,6 +189,7 @@ impl Default for Config {
             ws_read_buffer_bytes: 512,
             ws_write_buffer_bytes: 16 * 1024,
             write_delay_ms: 0,
+            busy_write_delay_ms: 50,
             ping_interval_secs: node.ping_interval_ms / 1000,
             idle_timeout_secs: node.idle_timeout_ms / 1000,
             auth_timeout_secs: 10,
@@ -279,6 +284,12 @@ impl Config {
             anyhow::bail!(
                 "invalid configuration: `write_delay_ms` must be at most 1000 (got {}); it adds to every delivery's latency",
                 self.write_delay_ms
+            );
+        }
+        if self.busy_write_delay_ms > 1000 {
+            anyhow::bail!(
+                "invalid configuration: `busy_write_delay_ms` must be at most 1000 (got {}); it adds to the latency of deliveries while the node is busy",
+                self.busy_write_delay_ms
             );
         }
         if self.queue_max_bytes < self.max_message_bytes {
@@ -398,6 +409,7 @@ impl Config {
             idle_timeout_ms: self.idle_timeout_secs * 1000,
             write_timeout_ms: self.write_timeout_secs * 1000,
             write_delay: Duration::from_millis(self.write_delay_ms),
+            busy_write_delay: Duration::from_millis(self.busy_write_delay_ms),
             drain: DrainSettings {
                 timeout: Duration::from_secs(self.drain_timeout_secs),
                 batch_size: self.drain_batch_size,
@@ -482,6 +494,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("write_delay_ms"), "{err}");
+        std::fs::write(&path, "busy_write_delay_ms = 1001\n").unwrap();
+        let err = Config::load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("busy_write_delay_ms"), "{err}");
         std::fs::write(&path, "listen = \"0.0.0.0:9000\"\n").unwrap();
         let err = Config::load(Some(&path), &Overrides::default())
             .unwrap_err()

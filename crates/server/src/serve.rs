@@ -84,6 +84,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let node = Node::new(config.node_settings(node_id.clone()), backends, metrics, clock);
     tokio::spawn(node.clone().run_sweeper(stop_background.clone()));
+    tokio::spawn(node.clone().run_load_monitor(stop_background.clone()));
 
     let tasks = TaskTracker::new();
     let state = AppState::new(node.clone(), config.clone(), tasks.clone());

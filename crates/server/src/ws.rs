@@ -1,9 +1,10 @@
 //! The WebSocket transport: the handshake (on top of axum routing, so that buffer sizes and errors
 //! stay under our control), the first-frame authentication, and one task per connection that moves
 //! frames between the socket and the node: it reads and handles client frames, and writes what the
-//! connection's queue holds, all queued frames in one flush. With `write_delay_ms` set, a write
-//! waits that long after its first frame was queued, so that the frames following it share the
-//! flush; the connection keeps reading client requests meanwhile.
+//! connection's queue holds, all queued frames in one flush. With a write delay (`write_delay_ms`,
+//! or `busy_write_delay_ms` while the node is busy: `Node::write_delay`), a write waits that long
+//! after its first frame was queued, so that the frames following it share the flush; the
+//! connection keeps reading client requests meanwhile.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -490,7 +491,7 @@ impl Pump<'_> {
                     // busy room (it receives its room's messages too) is thereby held to the pace at
                     // which it can take the room's traffic, through TCP flow control.
                     if self.conn.queue.poll_ready(cx).is_ready() {
-                        let delay = self.node.settings.write_delay;
+                        let delay = self.node.write_delay();
                         let due = if delay.is_zero() {
                             true
                         } else {
