@@ -189,7 +189,7 @@ impl Default for Config {
             ws_read_buffer_bytes: 512,
             ws_write_buffer_bytes: 16 * 1024,
             write_delay_ms: 0,
-            busy_write_delay_ms: 50,
+            busy_write_delay_ms: 30,
             ping_interval_secs: node.ping_interval_ms / 1000,
             idle_timeout_secs: node.idle_timeout_ms / 1000,
             auth_timeout_secs: 10,
