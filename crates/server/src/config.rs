@@ -280,17 +280,15 @@ impl Config {
                 self.max_message_bytes
             );
         }
-        if self.write_delay_ms > 1000 {
-            anyhow::bail!(
-                "invalid configuration: `write_delay_ms` must be at most 1000 (got {}); it adds to every delivery's latency",
-                self.write_delay_ms
-            );
-        }
-        if self.busy_write_delay_ms > 1000 {
-            anyhow::bail!(
-                "invalid configuration: `busy_write_delay_ms` must be at most 1000 (got {}); it adds to the latency of deliveries while the node is busy",
-                self.busy_write_delay_ms
-            );
+        for (key, delay_ms) in [
+            ("write_delay_ms", self.write_delay_ms),
+            ("busy_write_delay_ms", self.busy_write_delay_ms),
+        ] {
+            if delay_ms > 1000 {
+                anyhow::bail!(
+                    "invalid configuration: `{key}` must be at most 1000 (got {delay_ms}); it adds to the latency of the deliveries it holds"
+                );
+            }
         }
         if self.queue_max_bytes < self.max_message_bytes {
             anyhow::bail!(
